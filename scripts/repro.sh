@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole pipeline: dvc repro [ARGS...].
+# Offline? Point the download stage at a folder or URL holding the four MNIST .gz files:
+#   MNIST_MIRROR=../shared/mnist ./scripts/repro.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+source .venv/bin/activate  # dvc runs each stage's `python -m stages...` from PATH
+dvc repro "$@"
+dvc metrics show

@@ -1,0 +1,1 @@
+"""Thin DVC entry points: ``python -m stages.<name> ...``; paths come from dvc.yaml."""

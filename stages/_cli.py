@@ -1,0 +1,50 @@
+"""What every stage does the same way: read its params, run, and fail with a clear message."""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from pipeline import params as P
+
+PARAMS_FILE = Path("params.yaml")  # DVC runs every stage from the repository root
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise P.ParamError(f"{path.resolve()} not found: run stages from the repository root") from None
+    except yaml.YAMLError as e:
+        raise P.ParamError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise P.ParamError(f"{path} must be a mapping of sections (download, model, train, ...)")
+    return data
+
+
+def section(cls, name: str, params: dict | None = None):
+    """The typed config of one params.yaml section, validated."""
+    params = load_params() if params is None else params
+    return P.parse(cls, params.get(name), name)
+
+
+def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Run a stage; known failures print one clear line (no traceback) and exit 1."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted; nothing was written at a final path", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        from pipeline import data, export, runtime, shapes  # imported late: only for isinstance
+        known = (P.ParamError, data.DownloadError, data.IDXError, export.ParityError,
+                 runtime.ModelFileError, shapes.ShapeError)
+        if not isinstance(e, known):
+            traceback.print_exc()
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,46 @@
+"""Stage export: the trained weights to one self-contained, checked model.onnx, with a parity check."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pipeline import atomic, data, evaluate, export, runtime
+from pipeline.model import ModelConfig, Net
+from stages import _cli
+from stages._tracking import Tracker
+
+
+def main(args: argparse.Namespace) -> None:
+    all_params = _cli.load_params()
+    model_cfg = _cli.section(ModelConfig, "model", all_params)
+    cfg = _cli.section(export.ExportConfig, "export", all_params)
+    model = Net(model_cfg)
+    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+
+    export.export_onnx(model, args.out, cfg)
+    proto = runtime.load_checked(args.out)  # what a user gets: the file as written, re-read
+    images, _ = data.load_split(args.data, "test")
+    x = evaluate.images_to_input(images[:cfg.parity_images])
+    session = runtime.open_session(proto, "cpu")
+    report = {**export.parity(model, session, x, cfg.parity_atol),
+              "opset": cfg.opset, "onnx_bytes": args.out.stat().st_size, "provider": session.label}
+    atomic.write_json(args.metrics, report)
+
+    tracker = Tracker.resume(args.run_id)
+    tracker.log_metrics({k: v for k, v in report.items() if k.startswith("parity_") or k == "onnx_bytes"})
+    tracker.log_onnx_model(args.out, x[:2])
+    print(f"{args.out}: {report['onnx_bytes'] / 1e6:.1f} MB, opset {cfg.opset}; onnxruntime vs PyTorch "
+          f"on {len(x)} test images: max |diff| {report['parity_max_abs_diff']:.2e}, "
+          f"argmax agreement {report['parity_argmax_agreement']:.2%}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="stages.export", description=__doc__)
+    parser.add_argument("--weights", type=Path, required=True, help="the trained state_dict (.pt)")
+    parser.add_argument("--data", type=Path, required=True, help="folder of the IDX files (for parity)")
+    parser.add_argument("--run-id", type=Path, required=True, help="file holding the MLflow run id")
+    parser.add_argument("--out", type=Path, required=True, help="out: model.onnx")
+    parser.add_argument("--metrics", type=Path, required=True, help="out: parity report (JSON)")
+    _cli.run(main, parser)

@@ -1,0 +1,95 @@
+"""Stage train: fit the tutorial CNN, write weights, per-epoch metrics and plots, open the MLflow run."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline import atomic, data, params, train
+from pipeline.model import ModelConfig, Net, count_params
+from stages import _cli
+from stages._tracking import Tracker, git_tags
+
+
+def main(args: argparse.Namespace) -> None:
+    all_params = _cli.load_params()
+    model_cfg = _cli.section(ModelConfig, "model", all_params)  # validated before any work
+    cfg = _cli.section(train.TrainConfig, "train", all_params)
+    device = train.resolve_device(cfg.device)
+    train.seed_everything(cfg.seed, cfg.threads)
+
+    x_np, y_np = data.load_split(args.data, "train")
+    if cfg.subset:
+        x_np, y_np = x_np[:cfg.subset], y_np[:cfg.subset]
+    x, y = train.to_tensors(x_np, y_np, device)
+    xt, yt = train.to_tensors(*data.load_split(args.data, "test"), device)
+
+    model = train.prepare(Net(model_cfg), device)
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tracker = Tracker.start(
+        None, params.flatten({k: all_params.get(k) for k in ("model", "train")}),
+        {**git_tags(), "device": device_name, "torch": torch.__version__, "stage": "train"},
+    )
+    print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
+          f"{cfg.epochs} epochs, MLflow run {tracker.run_id}")
+
+    history = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        with tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True) as bar:
+            def on_step(done: int, loss: float) -> None:
+                bar.update(done - bar.n)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{bar.format_dict['rate'] or 0:.0f}")
+            row = {"epoch": epoch + 1, **train.train_epoch(model, opt, sched, x, y, cfg, epoch, on_step)}
+            row.update(train.evaluate(model, xt, yt))
+            bar.set_postfix(loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.4f}",
+                            img_s=f"{row['images_per_s']:.0f}")
+        history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+
+    summary = {
+        "test_acc": history[-1]["test_acc"],
+        "test_loss": history[-1]["test_loss"],
+        # the mean over epochs after the first, which pays for warm-up (allocations, kernel choice)
+        "images_per_s": _mean([r["images_per_s"] for r in history[1:]] or [history[0]["images_per_s"]]),
+        "train_seconds": time.perf_counter() - t0,
+        "params": count_params(model),
+        "device": device_name,
+        **train.peak_memory(device),
+    }
+    torch.save(model.cpu().state_dict(), buf := io.BytesIO())
+    atomic.write_bytes(args.model, buf.getvalue())
+    atomic.write_json(args.metrics, summary)
+    atomic.write_text(args.plots, _csv(history))
+    atomic.write_text(args.run_id, (tracker.run_id or "") + "\n")
+    tracker.log_metrics({k: v for k, v in summary.items() if k not in ("test_acc", "test_loss")})
+    print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    return out.getvalue()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="stages.train", description=__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="folder of the four IDX files")
+    parser.add_argument("--model", type=Path, required=True, help="out: the trained state_dict (.pt)")
+    parser.add_argument("--metrics", type=Path, required=True, help="out: final metrics (JSON)")
+    parser.add_argument("--plots", type=Path, required=True, help="out: per-epoch metrics (CSV)")
+    parser.add_argument("--run-id", type=Path, required=True, help="out: the MLflow run id")
+    _cli.run(main, parser)

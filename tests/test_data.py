@@ -1,0 +1,181 @@
+"""IDX parsing and the verified download, against a real HTTP server on 127.0.0.1."""
+from __future__ import annotations
+
+import gzip
+import http.server
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data
+
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+
+
+def idx(dims: list[int], payload: bytes | None = None, dtype: int = 0x08) -> bytes:
+    header = struct.pack(">HBB", 0, dtype, len(dims)) + struct.pack(f">{len(dims)}I", *dims)
+    return header + (payload if payload is not None else bytes(int(np.prod(dims))))
+
+
+def test_parse_good_idx():
+    arr = data.parse_idx(idx([2, 3], bytes(range(6))))
+    assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr[1, 2] == 5
+
+
+@pytest.mark.parametrize("blob,message", [
+    (b"\x00\x00", "too short for an IDX header"),
+    (b"\x12\x34\x08\x01" + bytes(8), "bad magic number 0x12340801"),
+    (idx([4], dtype=0x0D), "unsupported IDX data type 0x0d"),
+    (struct.pack(">HBB", 0, 8, 0), "0 dimensions in the header"),
+    (struct.pack(">HBB", 0, 8, 3) + bytes(4), "truncated header (8 bytes, need 16 for 3 dimensions)"),
+    (idx([10, 28, 28])[:-1], "truncated: 7855 bytes, header [10, 28, 28] needs exactly 7856"),
+    (idx([3]) + b"\x00", "has trailing bytes"),
+])
+def test_malformed_idx_gives_a_clear_error(blob, message):
+    with pytest.raises(data.IDXError) as e:
+        data.parse_idx(blob, "f.idx")
+    assert message in str(e.value) and str(e.value).startswith("f.idx: ")
+
+
+def test_load_split_real_mnist(raw_dir):
+    x, y = data.load_split(raw_dir, "train")
+    assert x.shape == (60000, 28, 28) and y.shape == (60000,)
+    assert np.bincount(y).tolist()[:2] == [5923, 6742]  # the published class counts
+    xt, yt = data.load_split(raw_dir, "test")
+    assert xt.shape == (10000, 28, 28) and yt.max() == 9
+
+
+def test_load_split_rejects_mismatched_files(tmp_path, raw_dir):
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx([5, 28, 28]))
+    (tmp_path / TEST_LABELS).write_bytes(idx([4]))
+    with pytest.raises(data.IDXError, match="5 images but 4 labels"):
+        data.load_split(tmp_path, "test")
+    (tmp_path / TEST_LABELS).write_bytes(idx([5], bytes([1, 2, 3, 4, 12])))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx([5, 28, 28]))
+    with pytest.raises(data.IDXError, match="label 12 is not a digit"):
+        data.load_split(tmp_path, "test")
+    with pytest.raises(data.IDXError, match="missing: run the download stage first"):
+        data.load_split(tmp_path, "train")
+
+
+def test_mirror_override_goes_first():
+    assert data.mirrors_with_override(("a", "b"), {"MNIST_MIRROR": "b"}) == ("b", "a")
+    assert data.mirrors_with_override(("a",), {"MNIST_MIRROR": " /x "}) == ("/x", "a")
+    assert data.mirrors_with_override(("a",), {}) == ("a",)
+
+
+# ---------------------------------------------------------------- a local HTTP mirror
+
+
+@pytest.fixture(scope="module")
+def server(mirror, tmp_path_factory):
+    """Serves /good/ (the real files), /corrupt/ (a valid gzip of altered bytes),
+    /truncated/ (cut gzip), /garbage/ (not gzip), /missing/ (404), /error/ (500),
+    /stall/ (sends headers, then nothing) and /short/ (Content-Length larger than the body)."""
+    root = tmp_path_factory.mktemp("www")
+    names = list(data.FILES)
+    for folder in ("good", "corrupt", "truncated", "garbage"):
+        (root / folder).mkdir()
+    for name in names:
+        blob = (mirror / f"{name}.gz").read_bytes()
+        (root / "good" / f"{name}.gz").write_bytes(blob)
+        payload = bytearray(gzip.decompress(blob))
+        payload[-1] ^= 0xFF  # one flipped pixel or label
+        (root / "corrupt" / f"{name}.gz").write_bytes(gzip.compress(bytes(payload)))
+        (root / "truncated" / f"{name}.gz").write_bytes(blob[: len(blob) // 2])
+        (root / "garbage" / f"{name}.gz").write_bytes(b"<html>not found</html>")
+    hits: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path.startswith("/error/"):
+                self.send_error(500, "boom")
+            elif self.path.startswith("/stall/"):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"\x1f")
+                self.wfile.flush()
+                time.sleep(3)
+            elif self.path.startswith("/short/"):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"\x1f\x8b" + bytes(10))
+            else:
+                super().do_GET()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
+    httpd.shutdown()
+
+
+FAST = data.DownloadConfig(timeout_s=1.0, retries=1, backoff_s=0.01)
+
+
+def test_download_falls_through_bad_mirrors_to_a_good_one(server, tmp_path):
+    url, _ = server
+    bad = [f"{url}/{k}/" for k in ("missing", "corrupt", "truncated", "garbage", "error")]
+    sources = data.download(tmp_path, tuple(bad + [f"{url}/good/"]), FAST)
+    assert set(sources.values()) == {f"{url}/good/"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILES)
+    assert all(data.file_ok(tmp_path / n, n) for n in data.FILES)
+
+
+def test_download_is_idempotent(server, tmp_path):
+    url, hits = server
+    data.download(tmp_path, (f"{url}/good/",), FAST)
+    before = len(hits)
+    assert set(data.download(tmp_path, (f"{url}/good/",), FAST).values()) == {"already present"}
+    assert len(hits) == before
+
+
+def test_all_mirrors_failing_names_each_and_leaves_no_file(server, tmp_path):
+    url, _ = server
+    mirrors = (f"{url}/missing/", f"{url}/corrupt/", f"{url}/truncated/", f"{url}/garbage/",
+               f"{url}/error/", str(tmp_path / "nowhere"))
+    with pytest.raises(data.DownloadError) as e:
+        data.download(tmp_path / "out", mirrors, FAST)
+    msg = str(e.value)
+    assert "could not get a verified copy of train-images-idx3-ubyte" in msg
+    assert f"{url}/missing/: HTTP 404" in msg
+    assert f"{url}/corrupt/: checksum mismatch" in msg
+    assert f"{url}/truncated/: truncated gzip file" in msg
+    assert f"{url}/garbage/: not a valid gzip file" in msg
+    assert f"{url}/error/: HTTP 500 boom (after 2 tries)" in msg
+    assert "No such file or directory" in msg
+    assert "set MNIST_MIRROR" in msg
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_stalled_and_short_servers_are_abandoned_within_the_timeout(server, tmp_path):
+    url, _ = server
+    t0 = time.monotonic()
+    with pytest.raises(data.DownloadError) as e:
+        data.fetch_verified(TEST_LABELS, (f"{url}/stall/", f"{url}/short/"),
+                            data.DownloadConfig(timeout_s=0.5, retries=0))
+    assert time.monotonic() - t0 < 2.5
+    assert f"{url}/stall/: " in str(e.value) and "timed out" in str(e.value)
+    assert f"{url}/short/: " in str(e.value)
+
+
+def test_a_good_file_is_never_replaced_by_a_bad_download(server, tmp_path):
+    url, _ = server
+    data.download(tmp_path, (f"{url}/good/",), FAST)
+    (tmp_path / TEST_LABELS).write_bytes(b"junk")  # a damaged file is fetched again
+    data.download(tmp_path, (f"{url}/corrupt/", f"{url}/good/"), FAST)
+    assert data.file_ok(tmp_path / TEST_LABELS, TEST_LABELS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left

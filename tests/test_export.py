@@ -1,0 +1,77 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline import evaluate, export, runtime
+from pipeline.model import ModelConfig, Net
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Net(ModelConfig()).eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export.export_onnx(model, path, export.ExportConfig())
+    return model, path
+
+
+def test_export_is_self_contained_checked_and_batch_symbolic(exported):
+    _, path = exported
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # no external data file
+    proto = runtime.load_checked(path)
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert [i.name for i in proto.graph.input] == ["image"]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 2 and ops.count("MaxPool") == 2
+
+
+def test_parity_on_real_digits(exported, test_split):
+    model, path = exported
+    session = runtime.open_session(runtime.load_checked(path), "cpu")
+    x = evaluate.images_to_input(test_split[0][:300])
+    report = export.parity(model, session, x, atol=1e-3)
+    assert report["parity_argmax_agreement"] == 1.0
+    assert report["parity_max_abs_diff"] < 1e-4
+    for batch in (1, 7, 300):  # the batch axis really is dynamic
+        assert session.run(x[:batch]).shape == (batch, 10)
+
+
+def test_parity_catches_a_graph_that_differs(exported, test_split):
+    model, path = exported
+    session = runtime.open_session(runtime.load_checked(path), "cpu")
+    other = Net(ModelConfig()).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.fc1.bias += 0.05  # what a subtly wrong export would look like
+    with pytest.raises(export.ParityError, match="disagree on 100 test images"):
+        export.parity(other, session, evaluate.images_to_input(test_split[0][:100]), atol=1e-3)
+
+
+def test_truncated_and_foreign_files_are_refused(exported, tmp_path):
+    _, path = exported
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[: 100_000])
+    with pytest.raises(runtime.ModelFileError, match="not a readable ONNX model"):
+        runtime.load_checked(cut)
+    with pytest.raises(runtime.ModelFileError, match="missing: run the export stage first"):
+        runtime.load_checked(tmp_path / "nope.onnx")
+
+
+def test_external_data_is_refused(exported, tmp_path):
+    _, path = exported
+    proto = onnx.load(path)
+    onnx.save_model(proto, tmp_path / "ext.onnx", save_as_external_data=True, location="weights.bin",
+                    size_threshold=1024)
+    with pytest.raises(runtime.ModelFileError, match="external file 'weights.bin'"):
+        runtime.load_checked(tmp_path / "ext.onnx")
+
+
+def test_cuda_request_is_labelled_honestly(exported):
+    _, path = exported
+    s = runtime.open_session(runtime.load_checked(path), "cuda")
+    if "CUDAExecutionProvider" in s.providers:
+        pytest.skip("this machine really runs CUDA")
+    assert s.label == "cpu" and s.providers == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider" in s.note and "running on CPUExecutionProvider" in s.note

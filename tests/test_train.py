@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import train
+from pipeline.model import ModelConfig, Net
+
+SMALL = ModelConfig(channels=(8, 16), fc_units=64)
+
+
+def fit(x_np, y_np, cfg: train.TrainConfig, model_cfg=SMALL):
+    train.seed_everything(cfg.seed, 2)
+    dev = torch.device("cpu")
+    x, y = train.to_tensors(x_np, y_np, dev)
+    model = train.prepare(Net(model_cfg), dev)
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
+    history = [train.train_epoch(model, opt, sched, x, y, cfg, e) for e in range(cfg.epochs)]
+    return model, history
+
+
+@pytest.fixture(scope="module")
+def small_train(raw_dir):
+    from pipeline import data
+    x, y = data.load_split(raw_dir, "train")
+    return x[:1024], y[:1024]
+
+
+def test_same_seed_gives_bit_identical_weights_on_cpu(small_train):
+    cfg = train.TrainConfig(epochs=2, batch_size=64, seed=7)
+    a, _ = fit(*small_train, cfg)
+    b, _ = fit(*small_train, cfg)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    c, _ = fit(*small_train, train.TrainConfig(epochs=2, batch_size=64, seed=8))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+def test_training_learns(small_train, test_split):
+    cfg = train.TrainConfig(epochs=3, batch_size=64, lr=3e-3)
+    model, history = fit(*small_train, cfg)
+    assert history[-1]["loss"] < history[0]["loss"]
+    xt, yt = train.to_tensors(test_split[0][:2000], test_split[1][:2000], torch.device("cpu"))
+    assert train.evaluate(model, xt, yt)["test_acc"] > 0.6  # chance is 0.1; 1,024 images, tiny net
+    assert {"loss", "train_acc", "images_per_s", "seconds"} <= set(history[0])
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a = train.epoch_order(100, 0, 1, torch.device("cpu"))
+    assert sorted(a.tolist()) == list(range(100))
+    assert torch.equal(a, train.epoch_order(100, 0, 1, torch.device("cpu")))
+    assert not torch.equal(a, train.epoch_order(100, 0, 2, torch.device("cpu")))
+
+
+def test_to_tensors_scales_to_unit_range():
+    x, y = train.to_tensors(np.array([[[0, 255]]], dtype=np.uint8).repeat(28, 1).repeat(14, 2),
+                            np.array([3], dtype=np.uint8), torch.device("cpu"))
+    assert x.shape == (1, 1, 28, 28) and x.min() == 0 and x.max() == 1 and y.dtype == torch.int64
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="train.device='cuda' but PyTorch sees no CUDA device"):
+        train.resolve_device("cuda")
+    assert train.resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+def test_trains_on_cuda(small_train):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    cfg = train.TrainConfig(epochs=1, batch_size=64)
+    x, y = train.to_tensors(*small_train, dev)
+    model = train.prepare(Net(SMALL), dev)
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
+    assert train.train_epoch(model, opt, sched, x, y, cfg, 0)["loss"] > 0
+    assert "peak_gpu_mb" in train.peak_memory(dev)
