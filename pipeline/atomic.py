@@ -30,6 +30,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # the writer may not have synced: do it before the rename
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a writer that was killed
+            stale.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -45,7 +45,8 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
 def summarize(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     pred = logits.argmax(1)
     cm = confusion_matrix(labels, pred)
-    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    support = cm.sum(axis=1)
+    per_class = np.where(support > 0, cm.diagonal() / np.maximum(support, 1), np.inf)  # absent: not "worst"
     probs = softmax(logits)
     nll = -np.log(np.maximum(probs[np.arange(len(labels)), labels.astype(np.int64)], 1e-12)).mean()
     return {

@@ -51,3 +51,63 @@ def confusion_png(cm: np.ndarray, path: str | os.PathLike) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix, accuracy {cm.trace() / cm.sum():.2%}")
     _save(fig, path)
+
+
+def conv_filters(weights: np.ndarray, path: str | os.PathLike, title: str = "conv1 filters") -> None:
+    """Each filter of the first conv layer (K, 1, F, F) as a small grey picture."""
+    k = weights.shape[0]
+    cols = min(k, 8)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, w in zip(axes.flat, weights[:, 0]):
+        lim = np.abs(w).max() or 1.0
+        ax.imshow(w, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red excites, blue inhibits
+    fig.suptitle(f"{title}: {k} learned {weights.shape[2]}x{weights.shape[3]} filters (red +, blue -)",
+                 fontsize=9)
+    _save(fig, path)
+
+
+def feature_maps(images: np.ndarray, maps: dict[str, np.ndarray], path: str | os.PathLike,
+                 channels: int = 8) -> None:
+    """Rows: a test digit, then the first ``channels`` activation maps of each layer in ``maps``."""
+    n = len(images)
+    cols = 1 + channels * len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(cols * 0.75, n * 0.85 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r in range(n):
+        axes[r, 0].imshow(images[r], cmap="gray")
+        c = 1
+        for act in maps.values():
+            for ch in range(min(channels, act.shape[1])):
+                axes[r, c].imshow(act[r, ch], cmap="viridis")
+                c += 1
+    for i, (name, act) in enumerate(maps.items()):
+        axes[0, 1 + i * channels].set_title(f"{name} (first {channels} of {act.shape[1]} maps)",
+                                            fontsize=8, loc="left")
+    fig.suptitle("what each layer sees: digit, then activation maps", fontsize=9)
+    _save(fig, path)
+
+
+def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+    """Latency (p50) and throughput against batch size, one line per path and precision."""
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(f"{r['path']} {r['precision']}", []).append(r)
+    for name, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        lat.plot(b, [r["p50_ms"] for r in rs], marker="o", label=name)
+        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", label=name)
+    for ax, ylabel in ((lat, "p50 latency per call (ms)"), (thr, "throughput (images/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    thr.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

@@ -132,3 +132,81 @@ def plan(
     layers.append(Layer("logits", "Gemm", (num_classes,), dense_params(fc_units, num_classes),
                         f"({fc_units} + 1)*{num_classes}"))
     return layers
+
+
+# ---------------------------------------------------------------------------- the calculator
+
+
+def _parse_volume(text: str) -> tuple[int, int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ShapeError(f"a volume is written WxHxD, like 32x32x3; got {text!r}")
+    w, h, d = (int(p) for p in parts)
+    return w, h, d
+
+
+def explain_conv(volume: str, filters: int, kernel: int, stride: int, padding: Padding) -> str:
+    """The tutorial's worked example for a conv layer, as text: formula, numbers, result."""
+    w, h, d = _parse_volume(volume)
+    ow, oh = output_size(w, kernel, stride, padding), output_size(h, kernel, stride, padding)
+    pw = padding_pair(w, kernel, stride, padding)
+    shared = conv_params(kernel, d, filters)
+    unshared = conv_params(kernel, d, filters, (oh, ow))
+    return "\n".join([
+        f"conv: input {w}x{h}x{d}, {filters} filters of {kernel}x{kernel}x{d}, stride {stride}, padding {padding}"
+        + (f" (P = {pw[0]}+{pw[1]})" if isinstance(padding, str) else ""),
+        f"  output width   (W - F + 2P)/S + 1 = {formula(w, kernel, stride, padding)}",
+        f"  output height  (H - F + 2P)/S + 1 = {formula(h, kernel, stride, padding)}",
+        f"  output volume  {ow}x{oh}x{filters}",
+        f"  parameters with weight sharing     (F*F*D + 1)*K = ({kernel}*{kernel}*{d} + 1)*{filters} = {shared:,}",
+        f"  parameters without weight sharing  (F*F*D + 1)*(W_out*H_out*K) = "
+        f"({kernel}*{kernel}*{d} + 1)*({ow}*{oh}*{filters}) = {unshared:,}",
+    ])
+
+
+def explain_pool(volume: str, window: int, stride: int) -> str:
+    w, h, d = _parse_volume(volume)
+    ow, oh = output_size(w, window, stride, 0), output_size(h, window, stride, 0)
+    return "\n".join([
+        f"max pool: input {w}x{h}x{d}, {window}x{window} window, stride {stride}",
+        f"  output width   (W - F)/S + 1 = {formula(w, window, stride, 0)}",
+        f"  output height  (H - F)/S + 1 = {formula(h, window, stride, 0)}",
+        f"  output volume  {ow}x{oh}x{d} (pooling keeps the depth; 0 parameters)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """convcalc: the tutorial's arithmetic from the command line."""
+    import argparse
+    import sys
+
+    def pad(text: str) -> Padding:
+        return int(text) if text.isdigit() else text.lower()
+
+    p = argparse.ArgumentParser(prog="convcalc", description="Output size and parameter count of "
+                                "conv and pooling layers: (W - F + 2P)/S + 1.")
+    sub = p.add_subparsers(dest="kind", required=True)
+    c = sub.add_parser("conv", help="a convolution layer")
+    c.add_argument("--input", required=True, help="input volume WxHxD, e.g. 32x32x3")
+    c.add_argument("--filters", type=int, required=True, help="K, the number of filters")
+    c.add_argument("--kernel", type=int, required=True, help="F, the filter's width")
+    c.add_argument("--stride", type=int, default=1, help="S (default 1)")
+    c.add_argument("--padding", type=pad, default=0, help="P per side, or same / valid (default 0)")
+    q = sub.add_parser("pool", help="a max-pooling layer")
+    q.add_argument("--input", required=True, help="input volume WxHxD, e.g. 4x4x5")
+    q.add_argument("--window", type=int, default=2, help="F (default 2)")
+    q.add_argument("--stride", type=int, default=2, help="S (default 2)")
+    args = p.parse_args(argv)
+    try:
+        if args.kind == "conv":
+            print(explain_conv(args.input, args.filters, args.kernel, args.stride, args.padding))
+        else:
+            print(explain_pool(args.input, args.window, args.stride))
+    except ShapeError as e:
+        print(f"convcalc: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     threads: int = 0  # CPU threads for PyTorch; 0 = one per core
     subset: int = 0  # train on the first N images only (0 = all 60,000); for quick checks
+    checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end of each epoch)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
@@ -40,6 +41,8 @@ class TrainConfig:
         require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         require(self.threads >= 0, "train.threads", self.threads, "a whole number >= 0 (0 = all cores)")
         require(self.subset >= 0, "train.subset", self.subset, "a whole number >= 0 (0 = all images)")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
+                "a whole number of steps >= 0 (0 = once per epoch)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,15 +100,20 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 
 def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                epoch: int, on_step: Callable[[int, float], None] | None = None,
-                log_every: int = 20) -> dict[str, float]:
-    """One pass over (x, y) in a seeded random order; returns loss, accuracy, images/s, seconds."""
+                epoch: int, on_step: Callable[[int, float], None] | None = None, log_every: int = 20,
+                start_step: int = 0, totals: dict | None = None,
+                after_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """One pass over (x, y) in a seeded random order; returns loss, accuracy, images/s, seconds.
+
+    ``start_step`` and ``totals`` continue an epoch that a checkpoint interrupted;
+    ``after_step(next_step, totals)`` runs after every step (the caller checkpoints there).
+    """
     model.train()
     order = epoch_order(len(x), cfg.seed, epoch, x.device)
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    t0 = time.perf_counter()
-    for step, start in enumerate(range(0, len(x), cfg.batch_size)):
+    totals = totals or new_totals(x.device)
+    t_last = time.perf_counter()
+    for step in range(start_step, steps_per_epoch(len(x), cfg.batch_size)):
+        start = step * cfg.batch_size
         idx = order[start:start + cfg.batch_size]
         xb, yb = x[idx], y[idx]  # (B, 1, 28, 28), (B,)
         logits = model(xb)
@@ -114,21 +122,84 @@ def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
         loss.backward()
         opt.step()
         sched.step()
-        loss_sum += loss.detach() * len(idx)  # stays on the device: no sync inside the epoch
-        correct += (logits.argmax(1) == yb).sum()
+        totals["loss_sum"] += loss.detach() * len(idx)  # stays on the device: no sync inside the epoch
+        totals["correct"] += (logits.argmax(1) == yb).sum()
         if on_step is not None and (step + 1) % log_every == 0:
             on_step(min(start + cfg.batch_size, len(x)), loss.item())
+        if after_step is not None:
+            now = time.perf_counter()
+            totals["seconds"] += now - t_last
+            after_step(step + 1, totals)
+            t_last = time.perf_counter()  # time spent checkpointing is not training time
     if x.is_cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    totals["seconds"] += time.perf_counter() - t_last
     if on_step is not None:
-        on_step(len(x), loss.item())
+        on_step(len(x), loss.item() if start_step < steps_per_epoch(len(x), cfg.batch_size) else 0.0)
+    seconds = totals["seconds"]
     return {
-        "loss": loss_sum.item() / len(x),
-        "train_acc": correct.item() / len(x),  # running accuracy, measured with dropout on
-        "images_per_s": len(x) / seconds,
+        "loss": totals["loss_sum"].item() / len(x),
+        "train_acc": totals["correct"].item() / len(x),  # running accuracy, measured with dropout on
+        "images_per_s": len(x) * (1 - start_step / steps_per_epoch(len(x), cfg.batch_size)) / seconds
+        if seconds else 0.0,
         "seconds": seconds,
     }
+
+
+def new_totals(device: torch.device) -> dict:
+    return {"loss_sum": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.int64, device=device),
+            "seconds": 0.0}
+
+
+def fit(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+        evaluate_fn: Callable[[], dict[str, float]], checkpoint_path=None, fingerprint: str = "",
+        on_step_for: Callable[[int], Callable[[int, float], None] | None] = lambda epoch: None,
+        on_epoch: Callable[[dict], None] = lambda row: None, meta: dict | None = None) -> list[dict]:
+    """The epoch loop, resumable: with ``checkpoint_path`` it continues a killed run from its
+    last checkpoint (every ``cfg.checkpoint_every`` steps, and at each epoch's end) and ends
+    with the same weights, bit for bit on CPU, as a run that was never stopped. The
+    caller deletes the checkpoint once it has written its outputs (a kill in between then
+    costs nothing: the next run resumes at the end and writes them again). ``meta`` (plain values, such as the MLflow
+    run id) is stored in each checkpoint for the caller to read back before resuming."""
+    from pipeline import checkpoint
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch(len(x), cfg.batch_size))
+    history: list[dict] = []
+    epoch, step, totals = 0, 0, None
+    state = checkpoint.load(checkpoint_path, fingerprint) if checkpoint_path else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if x.is_cuda and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], x.device)
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+        totals = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in state["totals"].items()}
+
+    def save(epoch: int, step: int, totals: dict | None) -> None:
+        checkpoint.save(checkpoint_path, {
+            "fingerprint": fingerprint, "meta": meta or {}, "epoch": epoch, "step": step, "history": history,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(x.device) if x.is_cuda else None,
+            "totals": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in (totals or new_totals(x.device)).items()},
+        })
+
+    def after_step(next_step: int, totals: dict, epoch: int) -> None:
+        if cfg.checkpoint_every and next_step % cfg.checkpoint_every == 0:
+            save(epoch, next_step, totals)
+
+    for ep in range(epoch, cfg.epochs):
+        row = {"epoch": ep + 1, **train_epoch(
+            model, opt, sched, x, y, cfg, ep, on_step_for(ep), start_step=step if ep == epoch else 0,
+            totals=totals if ep == epoch else None,
+            after_step=(lambda n, t, ep=ep: after_step(n, t, ep)) if checkpoint_path else None)}
+        row.update(evaluate_fn())
+        history.append(row)
+        on_epoch(row)
+        if checkpoint_path and ep + 1 < cfg.epochs:
+            save(ep + 1, 0, None)
+    return history
 
 
 @torch.inference_mode()

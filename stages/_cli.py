@@ -41,9 +41,9 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         print(f"\n{parser.prog}: interrupted; nothing was written at a final path", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        from pipeline import data, export, runtime, shapes  # imported late: only for isinstance
-        known = (P.ParamError, data.DownloadError, data.IDXError, export.ParityError,
-                 runtime.ModelFileError, shapes.ShapeError)
+        from pipeline import checkpoint, data, export, runtime, shapes, verify  # late: for isinstance
+        known = (P.ParamError, checkpoint.CheckpointError, data.DownloadError, data.IDXError, export.ParityError,
+                 runtime.ModelFileError, shapes.ShapeError, verify.VerifyError)
         if not isinstance(e, known):
             traceback.print_exc()
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

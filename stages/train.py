@@ -1,4 +1,8 @@
-"""Stage train: fit the tutorial CNN, write weights, per-epoch metrics and plots, open the MLflow run."""
+"""Stage train: fit the tutorial CNN, write weights, per-epoch metrics and plots, open the MLflow run.
+
+Killed at any point, the next run of this stage (dvc repro) resumes from the last checkpoint
+and ends with the same weights as an uninterrupted run.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, data, params, train
+from pipeline import atomic, checkpoint, data, params, train
 from pipeline.model import ModelConfig, Net, count_params
 from stages import _cli
 from stages._tracking import Tracker, git_tags
@@ -30,34 +34,47 @@ def main(args: argparse.Namespace) -> None:
     xt, yt = train.to_tensors(*data.load_split(args.data, "test"), device)
 
     model = train.prepare(Net(model_cfg), device)
-    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tracker = Tracker.start(
-        None, params.flatten({k: all_params.get(k) for k in ("model", "train")}),
-        {**git_tags(), "device": device_name, "torch": torch.__version__, "stage": "train"},
-    )
+    fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x))
+    resumed = checkpoint.load(args.checkpoint, fingerprint)
+    if resumed and resumed["meta"].get("run_id"):
+        tracker = Tracker(resumed["meta"]["run_id"])
+        print(f"resuming from {args.checkpoint}: epoch {resumed['epoch'] + 1}, step {resumed['step']}")
+    else:
+        tracker = Tracker.start(
+            None, params.flatten({k: all_params.get(k) for k in ("model", "train")}),
+            {**git_tags(), "device": device_name, "torch": torch.__version__, "stage": "train"},
+        )
     print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
           f"{cfg.epochs} epochs, MLflow run {tracker.run_id}")
 
-    history = []
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        with tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True) as bar:
-            def on_step(done: int, loss: float) -> None:
-                bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{bar.format_dict['rate'] or 0:.0f}")
-            row = {"epoch": epoch + 1, **train.train_epoch(model, opt, sched, x, y, cfg, epoch, on_step)}
-            row.update(train.evaluate(model, xt, yt))
+    bars: dict[int, tqdm] = {}
+
+    def on_step_for(epoch: int):
+        bar = bars[epoch] = tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}")
+
+        def on_step(done: int, loss: float) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{bar.format_dict['rate'] or 0:.0f}")
+        return on_step
+
+    def on_epoch(row: dict) -> None:
+        bar = bars.pop(row["epoch"] - 1, None)
+        if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.4f}",
                             img_s=f"{row['images_per_s']:.0f}")
-        history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            bar.close()
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
+    t0 = time.perf_counter()
+    history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), args.checkpoint, fingerprint,
+                        on_step_for, on_epoch, meta={"run_id": tracker.run_id})
+    speeds = [r["images_per_s"] for r in history[1:] if r["images_per_s"]] or [history[0]["images_per_s"]]
     summary = {
         "test_acc": history[-1]["test_acc"],
         "test_loss": history[-1]["test_loss"],
         # the mean over epochs after the first, which pays for warm-up (allocations, kernel choice)
-        "images_per_s": _mean([r["images_per_s"] for r in history[1:]] or [history[0]["images_per_s"]]),
+        "images_per_s": sum(speeds) / len(speeds),
         "train_seconds": time.perf_counter() - t0,
         "params": count_params(model),
         "device": device_name,
@@ -68,13 +85,10 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_json(args.metrics, summary)
     atomic.write_text(args.plots, _csv(history))
     atomic.write_text(args.run_id, (tracker.run_id or "") + "\n")
+    args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
     tracker.log_metrics({k: v for k, v in summary.items() if k not in ("test_acc", "test_loss")})
     print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB")
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -92,4 +106,6 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", type=Path, required=True, help="out: final metrics (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="out: per-epoch metrics (CSV)")
     parser.add_argument("--run-id", type=Path, required=True, help="out: the MLflow run id")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="where to keep the resumable checkpoint while training (removed at the end)")
     _cli.run(main, parser)

@@ -85,7 +85,7 @@ def server(mirror, tmp_path_factory):
         (root / "good" / f"{name}.gz").write_bytes(blob)
         payload = bytearray(gzip.decompress(blob))
         payload[-1] ^= 0xFF  # one flipped pixel or label
-        (root / "corrupt" / f"{name}.gz").write_bytes(gzip.compress(bytes(payload)))
+        (root / "corrupt" / f"{name}.gz").write_bytes(gzip.compress(bytes(payload), compresslevel=1))
         (root / "truncated" / f"{name}.gz").write_bytes(blob[: len(blob) // 2])
         (root / "garbage" / f"{name}.gz").write_bytes(b"<html>not found</html>")
     hits: list[str] = []

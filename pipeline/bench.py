@@ -1,0 +1,219 @@
+"""Inference benchmark: onnxruntime per execution provider, and PyTorch eager beside it.
+
+Each case is one (path, batch size): warm up, then time single calls until both a minimum
+number of runs and a minimum time are reached. Latency percentiles come from the per-call
+times; throughput is images divided by the summed time of the timed calls. Labels come
+from what ran (``session.get_providers()``), never from what was asked for.
+
+Fairness: every path gets the same input, the same thread count, and its fast settings:
+onnxruntime with full graph optimisation and intra-op threads = cores; on CUDA, inputs
+and outputs bound on the device (I/O binding), a cuDNN algorithm choice by heuristic (an
+exhaustive search would charge the first call of every new batch size), and CUDA graphs
+for the fixed shape of each case; PyTorch under ``torch.inference_mode()`` with the same
+threads, in the channels-last layout that its oneDNN/cuDNN convolutions prefer.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import runtime
+from pipeline.params import require
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256, 1024)
+    providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = ("cpu", "cuda", "tensorrt")
+    warmup: int = 5  # untimed calls first: allocations, kernel choice, caches
+    min_runs: int = 20  # timed calls per case, at least ...
+    min_seconds: float = 1.0  # ... and for at least this long
+    max_runs: int = 2000
+    threads: int = 0  # 0 = one per core, for every path alike
+    int8: bool = True  # also benchmark a statically quantised INT8 model on CPU
+    calibration_images: int = 512  # training images used to calibrate INT8 ranges
+
+    def __post_init__(self) -> None:
+        require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes), "benchmark.batch_sizes",
+                list(self.batch_sizes), "a non-empty list of whole numbers >= 1")
+        require("cpu" in self.providers, "benchmark.providers", list(self.providers),
+                "a list that includes 'cpu' (plus 'cuda' and/or 'tensorrt')")
+        require(self.warmup >= 0, "benchmark.warmup", self.warmup, "a whole number >= 0")
+        require(self.min_runs >= 1, "benchmark.min_runs", self.min_runs, "a whole number >= 1")
+        require(self.max_runs >= self.min_runs, "benchmark.max_runs", self.max_runs, "at least min_runs")
+        require(self.min_seconds >= 0, "benchmark.min_seconds", self.min_seconds, "a number of seconds >= 0")
+        require(self.calibration_images >= 1, "benchmark.calibration_images", self.calibration_images,
+                "a whole number >= 1")
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def time_calls(fn: Callable[[], object], warmup: int, min_runs: int, min_seconds: float,
+               max_runs: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of each timed call of ``fn`` (after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = clock()
+    while len(times) < max_runs and (len(times) < min_runs or clock() - start < min_seconds):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times
+
+
+def summarize(times: list[float], batch: int) -> dict[str, float]:
+    """Latency percentiles (ms) and throughput (images/s) of per-call times in seconds."""
+    t = np.asarray(times, dtype=np.float64)
+    p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(t.mean() * 1e3), "images_per_s": float(batch * len(t) / t.sum()),
+            "runs": int(len(t))}
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process (not the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ------------------------------------------------------------------------------ the paths
+
+
+def ort_case(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.ndarray,
+             cfg: BenchConfig, precision: str = "fp32") -> dict:
+    """One onnxruntime case; on CUDA with device-resident I/O and a CUDA graph."""
+    rss0 = rss_mb()
+    options = {}
+    if provider == "cuda":
+        options = {"cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "1"}
+    elif provider == "tensorrt":
+        cache = Path(tempfile.gettempdir()) / "mnist-onnx-trt-cache"
+        options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                   "trt_fp16_enable": "False"}
+    session = runtime.open_session(model, provider, cfg.threads, provider_options=options)
+    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+    if session.label in ("cuda", "tensorrt"):
+        call, gpu_mem = _bound_gpu_call(session, xb)
+    else:
+        call, gpu_mem = (lambda: session.run(xb)), None
+    times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
+    row = {"path": f"onnxruntime-{session.label}", "provider": session.label, "precision": precision,
+           "batch": batch, "providers_used": ",".join(session.providers), "note": session.note,
+           **summarize(times, batch), "rss_growth_mb": rss_mb() - rss0}
+    if gpu_mem is not None:
+        row["gpu_mem_mb"] = gpu_mem()
+    return row
+
+
+def _bound_gpu_call(session: runtime.Session, xb: np.ndarray):
+    """A call with input and output already on the GPU: the timing excludes host copies."""
+    import onnxruntime as ort
+    s = session.session
+    x_dev = ort.OrtValue.ortvalue_from_numpy(xb, "cuda", 0)
+    y_dev = ort.OrtValue.ortvalue_from_shape_and_type((len(xb), 10), np.float32, "cuda", 0)
+    binding = s.io_binding()
+    binding.bind_ortvalue_input(s.get_inputs()[0].name, x_dev)
+    binding.bind_ortvalue_output(s.get_outputs()[0].name, y_dev)
+    free0 = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+    def call():
+        s.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    def mem():
+        return (free0 - torch.cuda.mem_get_info()[0]) / 2**20 if free0 is not None else float("nan")
+    return call, mem
+
+
+def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.ndarray, cfg: BenchConfig) -> dict:
+    """PyTorch eager on ``device``, same threads, inference mode, channels-last."""
+    rss0 = rss_mb()
+    model = model.to(device=device, memory_format=torch.channels_last).eval()
+    xb = torch.from_numpy(np.resize(x, (batch, *x.shape[1:]))).to(device).contiguous(
+        memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    @torch.inference_mode()
+    def call():
+        model(xb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
+    row = {"path": f"pytorch-{device.type}", "provider": device.type, "precision": "fp32", "batch": batch,
+           "providers_used": f"torch {torch.__version__}", "note": "", **summarize(times, batch),
+           "rss_growth_mb": rss_mb() - rss0}
+    if device.type == "cuda":
+        row["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+# ------------------------------------------------------------------------------ INT8
+
+
+def quantize_int8(model_path: Path, out_path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ quantisation (per-channel INT8 weights, UINT8 activations), calibrated on
+    ``calibration`` (float32 N,1,28,28 training images). reduce_range keeps weights to 7 bits,
+    which avoids the saturation of U8S8 products on CPUs without VNNI (AVX2)."""
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": calibration[i:i + 64]} for i in range(0, len(calibration), 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q.quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=False)
+        q.quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
+                          weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+        from pipeline import atomic
+        atomic.write_bytes(out_path, (Path(tmp) / "int8.onnx").read_bytes())
+
+
+# ------------------------------------------------------------------------------ the machine
+
+
+def hardware() -> dict[str, str]:
+    import onnxruntime as ort
+    info = {"cpu": _cpu_model(), "cores": str(os.cpu_count()), "machine": platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__, "ort_available_providers": ",".join(ort.get_available_providers())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = str(torch.version.cuda)
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _nvidia_driver() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
