@@ -159,6 +159,77 @@ def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.n
     return row
 
 
+def sweep(models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray, cfg: BenchConfig,
+          on_case: Callable[[str], None] = lambda name: None) -> tuple[list[dict], dict[str, str]]:
+    """Every case: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
+    (and PyTorch CUDA) only where it really runs. Returns the rows and, per GPU provider
+    asked for, 'ran' or why not."""
+    cases = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
+    status = {}
+    for gpu in [p for p in cfg.providers if p != "cpu"]:
+        probe = runtime.open_session(models["fp32"], gpu)
+        status[f"{gpu}_status"] = "ran" if probe.label == gpu else f"unavailable: {probe.note}"
+        if probe.label == gpu:
+            cases.append(("ort", gpu, "fp32"))
+    if torch.cuda.is_available():
+        cases.append(("torch", "cuda", "fp32"))
+    rows = []
+    for kind, provider, precision in cases:
+        for batch in cfg.batch_sizes:
+            on_case(f"{kind} {provider} {precision} batch {batch}")
+            if kind == "ort":
+                rows.append(ort_case(models[precision], provider, batch, x, cfg, precision))
+            else:
+                rows.append(torch_case(net, torch.device(provider), batch, x, cfg))
+    return rows, status
+
+
+def cases_count(models: dict, cfg: BenchConfig) -> int:
+    gpus = len([p for p in cfg.providers if p != "cpu"]) + torch.cuda.is_available()
+    return (len(models) + 1 + gpus) * len(cfg.batch_sizes)  # an upper bound, for progress bars
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def ratios(rows: list[dict], cfg: BenchConfig) -> dict[str, float]:
+    """The side-by-side ratios, measured in this one run."""
+    def get(path, precision, batch, key):
+        for r in rows:
+            if r["path"] == path and r["precision"] == precision and r["batch"] == batch:
+                return r[key]
+        return None
+    out = {}
+    small, big = min(cfg.batch_sizes), (256 if 256 in cfg.batch_sizes else max(cfg.batch_sizes))
+    pairs = {
+        f"ort_vs_torch_cpu_p50_ratio_b{small}": (get("onnxruntime-cpu", "fp32", small, "p50_ms"),
+                                                 get("pytorch-cpu", "fp32", small, "p50_ms")),
+        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "fp32", big, "images_per_s"),
+                                                      get("pytorch-cpu", "fp32", big, "images_per_s")),
+        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "int8", big, "images_per_s"),
+                                                      get("onnxruntime-cpu", "fp32", big, "images_per_s")),
+        f"ort_vs_torch_cuda_throughput_ratio_b{max(cfg.batch_sizes)}": (
+            get("onnxruntime-cuda", "fp32", max(cfg.batch_sizes), "images_per_s"),
+            get("pytorch-cuda", "fp32", max(cfg.batch_sizes), "images_per_s")),
+    }
+    for name, (a, b) in pairs.items():
+        if a is not None and b:
+            out[name] = a / b
+    best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"),
+               default=0.0)
+    out["ort_cpu_fp32_best_images_per_s"] = best
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10} {'RSS+ MB':>8}  ran on"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+                     f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  {r['providers_used']}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ INT8
 
 

@@ -33,6 +33,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for PyTorch; 0 = one per core
     subset: int = 0  # train on the first N images only (0 = all 60,000); for quick checks
     checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end of each epoch)
+    gpu_precision: Literal["fp32", "tf32", "bf16"] = "tf32"  # CUDA only; the CPU always trains in fp32
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
@@ -60,6 +61,16 @@ def seed_everything(seed: int, threads: int) -> None:
     np.random.seed(seed)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True, warn_only=True)  # CPU kernels are deterministic
+
+
+def configure_device(device: torch.device, cfg: TrainConfig) -> None:
+    """GPU math settings: TF32 tensor cores for fp32 matmuls/convs unless 'fp32' is asked for;
+    cuDNN picks the fastest conv algorithms for our fixed shapes."""
+    if device.type == "cuda":
+        fast = cfg.gpu_precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = fast
+        torch.backends.cudnn.allow_tf32 = fast
+        torch.backends.cudnn.benchmark = True
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +127,9 @@ def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
         start = step * cfg.batch_size
         idx = order[start:start + cfg.batch_size]
         xb, yb = x[idx], y[idx]  # (B, 1, 28, 28), (B,)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda and cfg.gpu_precision == "bf16"):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

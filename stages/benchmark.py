@@ -39,29 +39,17 @@ def main(args: argparse.Namespace) -> None:
             session = runtime.open_session(proto, "cpu", cfg.threads)
             summary[f"{name}_accuracy"] = evaluate.summarize(test_y, evaluate.predict_logits(session, test_x, 1000))["accuracy"]
 
-    cases = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
-    for gpu in [p for p in cfg.providers if p != "cpu"]:
-        probe = runtime.open_session(fp32, gpu)
-        summary[f"{gpu}_status"] = "ran" if probe.label == gpu else f"unavailable: {probe.note}"
-        if probe.label == gpu:
-            cases.append(("ort", gpu, "fp32"))
-        else:
-            print(f"benchmark: {gpu} was asked for but is not usable here ({probe.note}); "
-                  "measuring CPU only for it", flush=True)
-    if torch.cuda.is_available():
-        cases.append(("torch", "cuda", "fp32"))
-
-    rows = []
-    with tqdm(total=len(cases) * len(cfg.batch_sizes), desc="benchmark", unit="case") as bar:
-        for kind, provider, precision in cases:
-            for batch in cfg.batch_sizes:
-                bar.set_postfix_str(f"{kind} {provider} {precision} batch {batch}")
-                if kind == "ort":
-                    rows.append(bench.ort_case(models[precision], provider, batch, x, cfg, precision))
-                else:
-                    rows.append(bench.torch_case(net, torch.device(provider), batch, x, cfg))
-                bar.update()
-    summary.update(_ratios(rows, cfg))
+    with tqdm(total=bench.cases_count(models, cfg), desc="benchmark", unit="case") as bar:
+        def on_case(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update()
+        rows, status = bench.sweep(models, net, x, cfg, on_case)
+    for name, state in status.items():
+        if state != "ran":
+            print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here "
+                  f"({state}); measured on CPU only", flush=True)
+    summary.update(status)
+    summary.update(bench.ratios(rows, cfg))
 
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore")
@@ -79,48 +67,10 @@ def main(args: argparse.Namespace) -> None:
                          for r in rows for k in ("p50_ms", "images_per_s")})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
-    print(table(rows))
+    print(bench.table(rows))
     for k, v in summary.items():
         if k != "hardware":
             print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-
-
-def _ratios(rows: list[dict], cfg: bench.BenchConfig) -> dict[str, float]:
-    """The side-by-side ratios, measured in this one run."""
-    def get(path, precision, batch, key):
-        for r in rows:
-            if r["path"] == path and r["precision"] == precision and r["batch"] == batch:
-                return r[key]
-        return None
-    out = {}
-    small, big = min(cfg.batch_sizes), (256 if 256 in cfg.batch_sizes else max(cfg.batch_sizes))
-    pairs = {
-        f"ort_vs_torch_cpu_p50_ratio_b{small}": (get("onnxruntime-cpu", "fp32", small, "p50_ms"),
-                                                 get("pytorch-cpu", "fp32", small, "p50_ms")),
-        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "fp32", big, "images_per_s"),
-                                                      get("pytorch-cpu", "fp32", big, "images_per_s")),
-        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "int8", big, "images_per_s"),
-                                                      get("onnxruntime-cpu", "fp32", big, "images_per_s")),
-        f"ort_vs_torch_cuda_throughput_ratio_b{max(cfg.batch_sizes)}": (
-            get("onnxruntime-cuda", "fp32", max(cfg.batch_sizes), "images_per_s"),
-            get("pytorch-cuda", "fp32", max(cfg.batch_sizes), "images_per_s")),
-    }
-    for name, (a, b) in pairs.items():
-        if a is not None and b:
-            out[name] = a / b
-    best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"),
-               default=0.0)
-    out["ort_cpu_fp32_best_images_per_s"] = best
-    return out
-
-
-def table(rows: list[dict]) -> str:
-    head = f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10} {'RSS+ MB':>8}  ran on"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-                     f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  {r['providers_used']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

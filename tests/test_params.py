@@ -18,7 +18,7 @@ def test_values_are_coerced_where_yaml_is_ambiguous():
 
 
 @pytest.mark.parametrize("cls,where,section,message", [
-    (TrainConfig, "train", {"epoch": 3}, "unknown key train.epoch (allowed keys: batch_size, device"),
+    (TrainConfig, "train", {"epoch": 3}, "unknown key train.epoch (allowed keys: batch_size, checkpoint_every, device"),
     (TrainConfig, "train", {"epochs": "three"}, "train.epochs='three' has the wrong type: expected an integer"),
     (TrainConfig, "train", {"epochs": True}, "train.epochs=True has the wrong type"),
     (TrainConfig, "train", {"lr": -0.1}, "train.lr=-0.1 is not allowed: a learning rate > 0"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo
+from tests.conftest import LOCAL_MIRROR, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +131,48 @@ def test_an_architecture_that_does_not_tile_fails_before_training(repo):
     assert "pool2 on 11x11x16: stride 2 does not tile the input: (11 - 2 + 2*0)/2 + 1 = 5.5" in out
     assert "epoch 1/" not in out  # refused before any training
     assert (root / "dvc.lock").read_bytes() == lock
+
+
+def _set_param(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.parametrize("stage,section,key,value,message", [
+    ("download", "download", "mirrors", ["/nonexistent/mirror"], "could not get a verified copy"),
+    ("train", "train", "lr", -1.0, "train.lr=-1.0 is not allowed"),
+    ("export", "export", "opset", 5, "export.opset=5 is not allowed"),
+    ("evaluate", "evaluate", "batch_size", 0, "evaluate.batch_size=0 is not allowed"),
+    ("benchmark", "benchmark", "providers", ["cuda"], "benchmark.providers=['cuda'] is not allowed"),
+])
+def test_a_failing_stage_exits_nonzero_and_leaves_dvc_lock_untouched(repo, stage, section, key, value, message):
+    root, env, _ = repo
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    assert dvc(root, "repro", env=env).returncode == 0  # back to the committed params
+    lock = (root / "dvc.lock").read_bytes()
+    _set_param(root, section, key, value)
+    if stage == "download":  # only the bad mirror in params, and no override
+        env = {**env, "MNIST_MIRROR": ""}
+    result = dvc(root, "repro", env=env)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert (root / "dvc.lock").read_bytes() == lock
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    result = dvc(root, "repro", env={**env, "MNIST_MIRROR": str(LOCAL_MIRROR)})
+    assert result.returncode == 0, result.stdout + result.stderr  # no manual clean-up needed
+
+
+def test_verify_fails_on_a_damaged_model_and_leaves_dvc_lock_untouched(repo):
+    root, env, _ = repo
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    assert dvc(root, "repro", env=env).returncode == 0
+    lock = (root / "dvc.lock").read_bytes()
+    model = root / "models/model.onnx"
+    model.chmod(0o644)
+    model.write_bytes(model.read_bytes()[:50_000])
+    result = dvc(root, "repro", "--single-item", "verify", env=env)
+    assert result.returncode != 0
+    assert "is not a readable ONNX model" in result.stdout + result.stderr
+    assert (root / "dvc.lock").read_bytes() == lock
+    assert dvc(root, "repro", env=env).returncode == 0  # export runs again and mends it
