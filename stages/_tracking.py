@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "mnist-onnx"
+CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: newest export, promoted one
 
 
 def repo_root() -> Path:
@@ -100,8 +101,11 @@ class Tracker:
         if self.run_id and Path(path).exists():
             _safely(f"log artifact {path}", lambda: self._client().log_artifact(self.run_id, str(path), folder))
 
-    def log_onnx_model(self, model_path: Path, example) -> None:
-        """Log the ONNX file with the MLflow ONNX flavour, a signature and an input example."""
+    def log_onnx_model(self, model_path: Path, example, registered_name: str | None = None,
+                       version_tags: dict[str, Any] | None = None) -> None:
+        """Log the ONNX file with the MLflow ONNX flavour, a signature and an input example;
+        with ``registered_name``, make it a new version of that registered model and move the
+        alias ``candidate`` to it."""
         if not self.run_id:
             return
 
@@ -116,13 +120,52 @@ class Tracker:
             mlflow.set_tracking_uri(tracking_uri())
             with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mlflow.onnx.log_model(
+                info = mlflow.onnx.log_model(
                     onnx.load(model_path), name="onnx-model", signature=infer_signature(example, logits),
                     input_example=example, save_as_external_data=False,
                     pip_requirements=[f"onnxruntime-gpu=={_version('onnxruntime-gpu')}",
                                       f"onnx=={onnx.__version__}", "numpy"],
                 )
+            if registered_name:
+                client = mlflow.MlflowClient()
+                version = mlflow.register_model(info.model_uri, registered_name,
+                                                tags={k: str(v) for k, v in (version_tags or {}).items()})
+                client.set_registered_model_alias(registered_name, CANDIDATE, version.version)
+                print(f"registered {registered_name} version {version.version} (alias '{CANDIDATE}')")
         _safely("log the ONNX model", go)
+
+    def tag_model_versions(self, tags: dict[str, Any]) -> None:
+        """Add ``tags`` to every registered model version made from this run."""
+        if not self.run_id:
+            return
+
+        def go():
+            client = self._client()
+            for mv in client.search_model_versions(f"run_id='{self.run_id}'"):
+                for k, v in tags.items():
+                    client.set_model_version_tag(mv.name, mv.version, k, str(v))
+        _safely("tag the registered model version", go)
+
+    def system_metrics(self):
+        """A context that samples CPU, memory (and GPU) into the run while training."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def monitor():
+            mon = None
+            if self.run_id:
+                def start():
+                    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+                    m = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=tracking_uri())
+                    m.start()
+                    return m
+                mon = _safely("start system metrics", start)
+            try:
+                yield
+            finally:
+                if mon is not None:
+                    _safely("finish system metrics", mon.finish)
+        return monitor()
 
 
 def _version(dist: str) -> str:

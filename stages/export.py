@@ -30,7 +30,9 @@ def main(args: argparse.Namespace) -> None:
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in report.items() if k.startswith("parity_") or k == "onnx_bytes"})
-    tracker.log_onnx_model(args.out, x[:2])
+    registry = all_params.get("registry") or {}
+    tracker.log_onnx_model(args.out, x[:2], registry.get("model_name"),
+                           {k: v for k, v in report.items() if k.startswith("parity_")})
     print(f"{args.out}: {report['onnx_bytes'] / 1e6:.1f} MB, opset {cfg.opset}; onnxruntime vs PyTorch "
           f"on {len(x)} test images: max |diff| {report['parity_max_abs_diff']:.2e}, "
           f"argmax agreement {report['parity_argmax_agreement']:.2%}")

@@ -68,8 +68,9 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
     t0 = time.perf_counter()
-    history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), args.checkpoint, fingerprint,
-                        on_step_for, on_epoch, meta={"run_id": tracker.run_id})
+    with tracker.system_metrics():
+        history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), args.checkpoint,
+                            fingerprint, on_step_for, on_epoch, meta={"run_id": tracker.run_id})
     speeds = [r["images_per_s"] for r in history[1:] if r["images_per_s"]] or [history[0]["images_per_s"]]
     summary = {
         "test_acc": history[-1]["test_acc"],

@@ -176,3 +176,44 @@ def test_verify_fails_on_a_damaged_model_and_leaves_dvc_lock_untouched(repo):
     assert "is not a readable ONNX model" in result.stdout + result.stderr
     assert (root / "dvc.lock").read_bytes() == lock
     assert dvc(root, "repro", env=env).returncode == 0  # export runs again and mends it
+
+
+def _stage(root: Path, env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_registered_version_promotion_and_serving(repo, test_split):
+    import mlflow
+    import numpy as np
+
+    root, env, _ = repo
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    assert dvc(root, "repro", env=env).returncode == 0
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    name = "mnist-cnn-onnx"
+    cand = client.get_model_version_by_alias(name, "candidate")
+    acc = float(cand.tags["eval_accuracy"])
+    assert acc == json.loads((root / "metrics/evaluate.json").read_text())["accuracy"]
+    assert "parity_max_abs_diff" in cand.tags
+
+    result = _stage(root, env, "stages.promote")
+    assert result.returncode == 0, result.stderr
+    assert client.get_model_version_by_alias(name, "champion").version == cand.version
+
+    worse = client.create_model_version(name, cand.source, cand.run_id, tags={"eval_accuracy": str(acc - 0.01)})
+    result = _stage(root, env, "stages.promote", "--version", str(worse.version))
+    assert result.returncode != 0 and "refused" in result.stdout + result.stderr
+    assert client.get_model_version_by_alias(name, "champion").version == cand.version
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    images, labels = test_split
+    x = (images[:200].astype(np.float32) / 255)[:, None]
+    out = model.predict(x)  # the ONNX flavour answers {output name: array} for an array input
+    logits = np.asarray(out["logits"] if isinstance(out, dict) else out)
+    assert (logits.argmax(1) == labels[:200]).mean() > 0.5
+
+    result = _stage(root, env, "stages.compare", "--last", "3")
+    assert result.returncode == 0, result.stderr
+    assert "test acc" in result.stdout and cand.run_id[:8] in result.stdout
