@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import time
@@ -222,7 +223,7 @@ def parse_idx(data: bytes, what: str = "IDX file") -> np.ndarray:
     if len(data) < header:
         raise IDXError(f"{what}: truncated header ({len(data)} bytes, need {header} for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: 2**32-sized dims can't overflow
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "has trailing bytes"
         raise IDXError(f"{what}: {kind}: {len(data)} bytes, header {list(dims)} needs exactly {expected}")

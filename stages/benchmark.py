@@ -46,8 +46,8 @@ def main(args: argparse.Namespace) -> None:
         rows, status = bench.sweep(models, net, x, cfg, on_case)
     for name, state in status.items():
         if state != "ran":
-            print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here "
-                  f"({state}); measured on CPU only", flush=True)
+            print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
+                  f"{state.removeprefix('unavailable: ')}; measured on CPU only", flush=True)
     summary.update(status)
     summary.update(bench.ratios(rows, cfg))
 
