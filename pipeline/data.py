@@ -223,6 +223,8 @@ def parse_idx(data: bytes, what: str = "IDX file") -> np.ndarray:
     if len(data) < header:
         raise IDXError(f"{what}: truncated header ({len(data)} bytes, need {header} for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
+    if math.prod(d for d in dims if d) > MAX_PAYLOAD_BYTES:  # even with a 0 beside them
+        raise IDXError(f"{what}: header dimensions {list(dims)} are larger than any MNIST file")
     expected = header + math.prod(dims)  # Python ints: 2**32-sized dims can't overflow
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "has trailing bytes"

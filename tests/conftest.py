@@ -50,7 +50,8 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    for args in (["init", "-q"], ["add", "-A"],
+    for args in (["init", "-q"], ["config", "user.name", "test"], ["config", "user.email", "test@localhost"],
+                 ["add", "-A"],
                  ["-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]):
         subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
     return dest
