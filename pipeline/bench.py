@@ -159,11 +159,9 @@ def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.n
     return row
 
 
-def sweep(models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray, cfg: BenchConfig,
-          on_case: Callable[[str], None] = lambda name: None) -> tuple[list[dict], dict[str, str]]:
-    """Every case: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
-    (and PyTorch CUDA) only where it really runs. Returns the rows and, per GPU provider
-    asked for, 'ran' or why not."""
+def plan(models: dict[str, onnx.ModelProto], cfg: BenchConfig) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """The cases to run: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
+    (and PyTorch CUDA) only where it really runs; and, per GPU provider asked for, 'ran' or why not."""
     cases = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
     status = {}
     for gpu in [p for p in cfg.providers if p != "cpu"]:
@@ -173,20 +171,21 @@ def sweep(models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarra
             cases.append(("ort", gpu, "fp32"))
     if torch.cuda.is_available():
         cases.append(("torch", "cuda", "fp32"))
+    return cases, status
+
+
+def sweep(cases: list[tuple[str, str, str]], models: dict[str, onnx.ModelProto], net: torch.nn.Module,
+          x: np.ndarray, cfg: BenchConfig, on_case: Callable[[str], None] = lambda name: None) -> list[dict]:
+    """Every case at every batch size; ``on_case`` is told each one as it finishes."""
     rows = []
     for kind, provider, precision in cases:
         for batch in cfg.batch_sizes:
-            on_case(f"{kind} {provider} {precision} batch {batch}")
             if kind == "ort":
                 rows.append(ort_case(models[precision], provider, batch, x, cfg, precision))
             else:
                 rows.append(torch_case(net, torch.device(provider), batch, x, cfg))
-    return rows, status
-
-
-def cases_count(models: dict, cfg: BenchConfig) -> int:
-    gpus = len([p for p in cfg.providers if p != "cpu"]) + torch.cuda.is_available()
-    return (len(models) + 1 + gpus) * len(cfg.batch_sizes)  # an upper bound, for progress bars
+            on_case(f"{kind} {provider} {precision} batch {batch}")
+    return rows
 
 
 # ------------------------------------------------------------------------------ reporting

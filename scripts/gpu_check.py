@@ -93,7 +93,9 @@ def main() -> None:
 
     # --- the benchmark sweep
     x_in = evaluate.images_to_input(images[:max(bcfg.batch_sizes)])
-    rows, status = bench.sweep({"fp32": proto}, cpu_model, x_in, bcfg, lambda name: log(f"  {name}"))
+    models = {"fp32": proto}
+    cases, status = bench.plan(models, bcfg)
+    rows = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda name: log(f"  {name}"))
     result.update(status)
     result["benchmark"] = rows
     result["ratios"] = bench.ratios(rows, bcfg)

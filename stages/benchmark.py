@@ -39,11 +39,12 @@ def main(args: argparse.Namespace) -> None:
             session = runtime.open_session(proto, "cpu", cfg.threads)
             summary[f"{name}_accuracy"] = evaluate.summarize(test_y, evaluate.predict_logits(session, test_x, 1000))["accuracy"]
 
-    with tqdm(total=bench.cases_count(models, cfg), desc="benchmark", unit="case") as bar:
+    cases, status = bench.plan(models, cfg)
+    with tqdm(total=len(cases) * len(cfg.batch_sizes), desc="benchmark", unit="case") as bar:
         def on_case(name: str) -> None:
             bar.set_postfix_str(name)
             bar.update()
-        rows, status = bench.sweep(models, net, x, cfg, on_case)
+        rows = bench.sweep(cases, models, net, x, cfg, on_case)
     for name, state in status.items():
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
