@@ -8,7 +8,6 @@ error names each one and why. Files reach their final path only whole (pipeline.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import os

@@ -69,7 +69,7 @@ def test_int8_model_keeps_accuracy(small_onnx, tmp_path, raw_dir, test_split):
     bench.quantize_int8(path, tmp_path / "int8.onnx", evaluate.images_to_input(train_x[:128]))
     q = runtime.load_checked(tmp_path / "int8.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
-    x, y = test_split[0][:500], test_split[1][:500]
+    x = test_split[0][:500]
     fp = evaluate.predict_logits(runtime.open_session(runtime.load_checked(path)), x, 500).argmax(1)
     i8 = evaluate.predict_logits(runtime.open_session(q), x, 500).argmax(1)
     assert (fp == i8).mean() > 0.95  # an untrained net's predictions, mostly kept by INT8

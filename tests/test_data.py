@@ -6,7 +6,6 @@ import http.server
 import struct
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
