@@ -32,6 +32,20 @@ def section(cls, name: str, params: dict | None = None):
     return P.parse(cls, params.get(name), name)
 
 
+KNOWN_ERRORS = {  # module -> its error classes whose message is the whole story
+    "pipeline.params": ("ParamError",), "pipeline.checkpoint": ("CheckpointError",),
+    "pipeline.data": ("DownloadError", "IDXError"), "pipeline.export": ("ParityError",),
+    "pipeline.runtime": ("ModelFileError",), "pipeline.shapes": ("ShapeError",),
+    "pipeline.verify": ("VerifyError",), "pipeline.digits": ("ImageError",),
+}
+
+
+def _known_errors() -> tuple[type, ...]:
+    """Only modules already imported can have raised: looking them up never imports torch."""
+    return tuple(getattr(sys.modules[m], name) for m, names in KNOWN_ERRORS.items()
+                 if m in sys.modules for name in names)
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Run a stage; known failures print one clear line (no traceback) and exit 1."""
     args = parser.parse_args()
@@ -41,10 +55,7 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         print(f"\n{parser.prog}: interrupted; nothing was written at a final path", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        from pipeline import checkpoint, data, export, runtime, shapes, verify  # late: for isinstance
-        known = (P.ParamError, checkpoint.CheckpointError, data.DownloadError, data.IDXError, export.ParityError,
-                 runtime.ModelFileError, shapes.ShapeError, verify.VerifyError)
-        if not isinstance(e, known):
+        if not isinstance(e, _known_errors()):
             traceback.print_exc()
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)

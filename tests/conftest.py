@@ -55,3 +55,57 @@ def copy_repo(dest: Path) -> Path:
                  ["-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]):
         subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def served_model(raw_dir, tmp_path_factory) -> Path:
+    """A small network trained for a few seconds on 12,000 real digits, exported to ONNX.
+
+    Good enough to read clear digits (about 96% on the test set), which the service,
+    browser and predict tests need; the full network would cost minutes.
+    """
+    from pipeline import export, train
+    from pipeline.model import ModelConfig, Net
+
+    images, labels = data.load_split(raw_dir, "train")
+    cfg = train.TrainConfig(epochs=1, batch_size=64, lr=3e-3, seed=0)
+    train.seed_everything(cfg.seed, os.cpu_count() or 1)
+    dev = torch.device("cpu")
+    x, y = train.to_tensors(images[:12000], labels[:12000], dev)
+    model = train.prepare(Net(ModelConfig(channels=(16, 32), fc_units=128)), dev)
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
+    train.train_epoch(model, opt, sched, x, y, cfg, 0)
+    path = tmp_path_factory.mktemp("served") / "model.onnx"
+    export.export_onnx(model.eval(), path, export.ExportConfig())
+    return path
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium driven by Selenium (scripts/test.sh installs both).
+
+    Skipped with a reason on a machine without them, but never in CI (CI=true), where the
+    browser tests must run.
+    """
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        message = f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--window-size=1200,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

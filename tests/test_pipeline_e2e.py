@@ -51,7 +51,7 @@ def repo(tmp_path_factory, mirror):
 
 def test_repro_runs_every_stage_and_writes_the_outs(repo):
     root, _, out = repo
-    for stage in ("download", "train", "export", "verify", "evaluate", "benchmark"):
+    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark"):
         assert f"Running stage '{stage}'" in out
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["params"] == (5 * 5 * 1 + 1) * 8 + (5 * 5 * 8 + 1) * 16 + (784 + 1) * 64 + (64 + 1) * 10
@@ -74,6 +74,9 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     assert "ort_vs_torch_cpu_p50_ratio_b1" in bench and bench["hardware"]["cores"]
     for picture in ("conv1_filters", "feature_maps", "confusion", "benchmark"):
         assert (root / f"plots/{picture}.png").read_bytes()[:4] == b"\x89PNG"
+    triton = root / "models/triton/mnist-cnn-onnx"
+    assert (triton / "1/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
+    assert 'backend: "onnxruntime"' in (triton / "config.pbtxt").read_text()
 
 
 def test_second_repro_runs_nothing(repo):
@@ -145,6 +148,7 @@ def _set_param(root: Path, section: str, key: str, value) -> None:
     ("export", "export", "opset", 5, "export.opset=5 is not allowed"),
     ("evaluate", "evaluate", "batch_size", 0, "evaluate.batch_size=0 is not allowed"),
     ("benchmark", "benchmark", "providers", ["cuda"], "benchmark.providers=['cuda'] is not allowed"),
+    ("triton", "triton", "max_batch_size", 0, "triton.max_batch_size=0 is not allowed"),
 ])
 def test_a_failing_stage_exits_nonzero_and_leaves_dvc_lock_untouched(repo, stage, section, key, value, message):
     root, env, _ = repo

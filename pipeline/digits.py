@@ -1,0 +1,87 @@
+"""Any picture of a digit -> the network's input, the way MNIST itself was made.
+
+MNIST digits are white on black, scaled so the longer side of the ink's bounding box is
+20 pixels (aspect ratio kept), and placed in a 28x28 frame so the ink's centre of mass
+sits in the middle (LeCun et al.). A photo or a drawing arrives at any size, on any
+background, often dark on light; we undo each difference in that order.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
+INK_THRESHOLD = 0.2  # fraction of full intensity that counts as ink when cropping
+SIDE, BOX = 28, 20  # MNIST frame and the box the digit is scaled into
+
+
+class ImageError(ValueError):
+    """Bytes that are not a decodable image, or an image with no digit in it."""
+
+
+def decode(blob: bytes) -> np.ndarray:
+    """PNG/JPEG/... bytes -> float32 grey levels in [0, 1], shape (H, W); alpha is composited."""
+    if not blob:
+        raise ImageError("empty image")
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"image is {img.width}x{img.height}; at most {MAX_PIXELS:,} pixels")
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
+                grey = rgba[..., :3] @ np.float32([0.299, 0.587, 0.114])
+                alpha = rgba[..., 3]
+                # Transparent pixels are background: put them on the opposite of the ink's colour.
+                inked = alpha > 0.5
+                ink_is_dark = inked.any() and grey[inked].mean() < 0.5
+                background = 1.0 if ink_is_dark else 0.0
+                return (grey * alpha + background * (1 - alpha)).astype(np.float32)
+            return np.asarray(img.convert("L"), np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ImageError("not an image: the bytes are no PNG, JPEG or other format Pillow reads") from None
+    except ImageError:
+        raise
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(f"the image could not be decoded ({type(e).__name__}: {e})") from None
+
+
+def to_mnist(grey: np.ndarray) -> np.ndarray:
+    """Grey levels (H, W) in [0, 1] -> a 28x28 MNIST-style frame, white digit on black."""
+    # The background is whatever fills the border; MNIST's is black, so a light one is inverted.
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    light = np.median(border) > 0.5
+    ink = 1.0 - grey if light else grey
+    ink = np.clip(ink - (1.0 - np.median(border) if light else np.median(border)), 0.0, None)  # grey -> black
+    peak = ink.max()
+    if peak <= 0.05:
+        raise ImageError("the image is blank: no digit found")
+    ink /= peak
+
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # (h, w) bounding box of the ink
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
+    small = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), np.float32)
+    small = np.clip(small, 0.0, 1.0)  # (<=20, <=20)
+
+    frame = np.zeros((SIDE, SIDE), np.float32)
+    top, left = (SIDE - small.shape[0]) // 2, (SIDE - small.shape[1]) // 2
+    frame[top:top + small.shape[0], left:left + small.shape[1]] = small
+    # Shift so the centre of mass is at the centre, as MNIST does (whole pixels, clipped to fit).
+    ys, xs = np.indices(frame.shape)
+    mass = frame.sum()
+    dy = int(round((SIDE - 1) / 2 - (ys * frame).sum() / mass))
+    dx = int(round((SIDE - 1) / 2 - (xs * frame).sum() / mass))
+    dy = int(np.clip(dy, -top, SIDE - top - small.shape[0]))
+    dx = int(np.clip(dx, -left, SIDE - left - small.shape[1]))
+    return np.roll(frame, (dy, dx), axis=(0, 1))
+
+
+def image_to_input(blob: bytes) -> np.ndarray:
+    """Image bytes -> the model's input, shape (1, 1, 28, 28), float32 in [0, 1]."""
+    return to_mnist(decode(blob))[None, None]

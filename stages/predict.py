@@ -1,0 +1,48 @@
+"""Predict the digit in each image file, with onnxruntime (no PyTorch).
+
+    python -m stages.predict photo.jpg drawing.png            # one line per image
+    python -m stages.predict --json *.png                     # JSON lines, with probabilities
+
+Any size, any background: images are cropped, scaled and centred the way MNIST was made
+(pipeline/digits.py). Exit status 1 if any image could not be read; the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import digits, runtime, serve
+from stages import _cli
+
+
+def main(args: argparse.Namespace) -> None:
+    session = runtime.open_session(runtime.load_checked(args.model), "cpu")
+    failed = 0
+    for path in args.images:
+        try:
+            x = digits.image_to_input(path.read_bytes())
+        except (OSError, digits.ImageError) as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        p = serve.softmax(session.run(x))[0]
+        digit = int(np.argmax(p))
+        if args.json:
+            print(json.dumps({"file": str(path), "digit": digit, "probabilities": [round(float(v), 6) for v in p]}))
+        else:
+            print(f"{path}: {digit} ({100 * p[digit]:.1f}%)")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="stages.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", type=Path, nargs="+", help="PNG, JPEG, ... files of single digits")
+    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    _cli.run(main, parser)

@@ -1,0 +1,50 @@
+"""Serve model.onnx over HTTP (KServe v2 + a drawing page), on onnxruntime alone.
+
+    python -m stages.serve --model models/model.onnx            # http://127.0.0.1:8000/
+    python -m stages.serve --model models/model.onnx --port 9000 --max-batch 64
+
+Settings come from the ``serve`` section of params.yaml; a flag overrides its key.
+PyTorch is never imported: this process needs only onnxruntime, numpy and Pillow.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from pipeline import serve
+from pipeline.params import ParamError
+from stages import _cli
+
+
+def main(args: argparse.Namespace) -> None:
+    params = _cli.load_params()
+    cfg = _cli.section(serve.ServeConfig, "serve", params)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
+                 if getattr(args, f.name, None) is not None}
+    try:
+        cfg = dataclasses.replace(cfg, **overrides)
+    except TypeError as e:
+        raise ParamError(str(e)) from None
+    name = args.name or (params.get("registry") or {}).get("model_name") or "mnist-cnn-onnx"
+    sys.exit(serve.serve(args.model, name, cfg, verbose=args.verbose))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="stages.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="the ONNX model to serve")
+    parser.add_argument("--name", help="model name in the v2 API (default: registry.model_name)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="port; 0 = any free one")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"])
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0 = one per core)")
+    parser.add_argument("--max-batch", type=int, help="images per request and per onnxruntime run")
+    parser.add_argument("--batching", action=argparse.BooleanOptionalAction,
+                        help="join concurrent requests into one onnxruntime run")
+    parser.add_argument("--batch-delay-ms", type=float, help="wait to fill a batch (0 = take what is queued)")
+    parser.add_argument("--max-concurrency", type=int, help="requests in flight before 503s")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    _cli.run(main, parser)
