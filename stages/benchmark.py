@@ -68,6 +68,10 @@ def main(args: argparse.Namespace) -> None:
                          for r in rows for k in ("p50_ms", "images_per_s")})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
+    # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,
+    # params, code and models every earlier stage of this run used (DVC adds this stage's own
+    # entry after it ends).
+    tracker.log_artifact(args.lock, "dvc")
     print(bench.table(rows))
     for k, v in summary.items():
         if k != "hardware":
@@ -83,5 +87,6 @@ if __name__ == "__main__":
     parser.add_argument("--int8", type=Path, required=True, help="out: the INT8 model")
     parser.add_argument("--metrics", type=Path, required=True, help="out: results (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="out: results (CSV, DVC plot)")
+    parser.add_argument("--lock", type=Path, required=True, help="dvc.lock, logged to the MLflow run")
     parser.add_argument("--chart", type=Path, required=True, help="out: latency/throughput chart (PNG)")
     _cli.run(main, parser)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from pipeline import atomic, checkpoint, data, params, train
 from pipeline.model import ModelConfig, Net, count_params
 from stages import _cli
-from stages._tracking import Tracker, git_tags
+from stages._tracking import Tracker, git_tags, package_version
 
 
 def main(args: argparse.Namespace) -> None:
@@ -39,15 +40,16 @@ def main(args: argparse.Namespace) -> None:
     fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x))
     resumed = checkpoint.load(args.checkpoint, fingerprint)
     if resumed and resumed["meta"].get("run_id"):
-        tracker = Tracker(resumed["meta"]["run_id"])
+        tracker = Tracker(resumed["meta"]["run_id"])  # an MLflow run id, or a pending one
         print(f"resuming from {args.checkpoint}: epoch {resumed['epoch'] + 1}, step {resumed['step']}")
     else:
         tracker = Tracker.start(
-            None, params.flatten({k: all_params.get(k) for k in ("model", "train")}),
-            {**git_tags(), "device": device_name, "torch": torch.__version__, "stage": "train"},
+            os.environ.get("DVC_EXP_NAME"), params.flatten({k: all_params.get(k) for k in ("model", "train")}),
+            {**git_tags(), "device": device_name, "torch": torch.__version__,
+             "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"},
         )
     print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
-          f"{cfg.epochs} epochs, MLflow run {tracker.run_id}")
+          f"{cfg.epochs} epochs, MLflow run {tracker.key}")
 
     bars: dict[int, tqdm] = {}
 
@@ -70,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with tracker.system_metrics():
         history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), args.checkpoint,
-                            fingerprint, on_step_for, on_epoch, meta={"run_id": tracker.run_id})
+                            fingerprint, on_step_for, on_epoch, meta={"run_id": tracker.key})
     speeds = [r["images_per_s"] for r in history[1:] if r["images_per_s"]] or [history[0]["images_per_s"]]
     summary = {
         "test_acc": history[-1]["test_acc"],
@@ -86,7 +88,7 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_bytes(args.model, buf.getvalue())
     atomic.write_json(args.metrics, summary)
     atomic.write_text(args.plots, _csv(history))
-    atomic.write_text(args.run_id, (tracker.run_id or "") + "\n")
+    atomic.write_text(args.run_id, tracker.key + "\n")
     args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
     tracker.log_metrics({k: v for k, v in summary.items() if k not in ("test_acc", "test_loss")})
     print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,29 +101,97 @@ def test_mlflow_run_holds_params_metrics_and_model(repo):
     assert len(tags["git_commit"]) == 40
 
 
-def test_exp_run_with_a_changed_param_is_a_second_run(repo):
-    root, env, _ = repo
-    result = dvc(root, "exp", "run", "-S", "train.epochs=2", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    shown = dvc(root, "exp", "show", "--json", env=env)
-    assert '"epochs": 2' in shown.stdout.replace("'", '"')
-    db = sqlite3.connect(root / "mlflow.db")
-    assert db.execute("select count(*) from runs").fetchone()[0] == 2
-    names = [v for (v,) in db.execute("select value from tags where key='dvc_exp_name'")]
-    assert len(names) == 1
+def _rest(base: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+    request = urllib.request.Request(base + path, json.dumps(body).encode() if body is not None else None,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
 
 
-@pytest.mark.parametrize("overrides,conv2", [
-    (["model.channels=[16,32]", "model.kernel=3"], "N x 32 x 14 x 14"),
-    (["model.padding=valid"], "N x 16 x 8 x 8"),  # 28 -> 24 -> 12 -> 8 (-> 4)
-])
-def test_other_architectures_train_export_and_verify(repo, overrides, conv2):
+ARCHITECTURES = {  # experiment name: (-S overrides, conv2's row in the shape report)
+    "arch-k3": (["model.channels=[16,32]", "model.kernel=3", "train.epochs=2"], "N x 32 x 14 x 14"),
+    "arch-valid": (["model.padding=valid", "train.seed=1"], "N x 16 x 8 x 8"),  # 28 -> 24 -> 12 -> 8 (-> 4)
+}
+
+
+def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, tmp_path):
+    """Two other architectures, queued with `dvc exp run -S` and run two at a time against
+    the embedded sqlite store: each trains, exports and verifies, `dvc exp show` lists them,
+    and `mlflow server` on 127.0.0.1 shows both runs complete, through its REST API and UI."""
+    from urllib.parse import quote
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_tracking import free_port, mlflow_server
+
     root, env, _ = repo
-    args = [a for o in overrides for a in ("-S", o)]
-    result = dvc(root, "exp", "run", *args, env=env)
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
+    for name, (overrides, _) in ARCHITECTURES.items():
+        args = [a for o in overrides for a in ("-S", o)]
+        result = dvc(root, "exp", "run", "--queue", "-n", name, *args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = dvc(root, "exp", "run", "--run-all", "--jobs", "2", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert json.loads((root / "metrics/verify.json").read_text())["verify_ok"]
-    assert f"| conv2 | Conv | {conv2} |" in (root / "reports/shapes.md").read_text()
+    assert not list((root / ".mlflow-spool").glob("*.jsonl"))  # sqlite coped: nothing waits for replay
+    shown = json.loads(dvc(root, "exp", "show", "--json", env=env).stdout)
+    text = json.dumps(shown)
+    assert all(name in text for name in ARCHITECTURES) and '"epochs": 2' in text.replace("'", '"')
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with mlflow_server(root / "mlflow.db", port):
+        exp = _rest(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=mnist-onnx")["experiment"]
+        runs = _rest(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                           "max_results": 100})["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        assert set(ARCHITECTURES) <= set(by_name)
+        assert len(by_name) == len(runs)  # one run per training run: the repro's and the two experiments'
+        for name, (overrides, conv2) in ARCHITECTURES.items():
+            run = by_name[name]
+            run_id = run["info"]["run_id"]
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"loss", "test_acc", "images_per_s", "peak_rss_mb", "parity_max_abs_diff", "verify_ok",
+                    "eval_accuracy", "ort_vs_torch_cpu_p50_ratio_b1"} <= metrics, name
+            history = _rest(base, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=test_acc")
+            assert len(history["metrics"]) == (2 if "train.epochs=2" in overrides else SMALL["train"]["epochs"])
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert all(params[o.split("=")[0]] == o.split("=")[1].replace(",", ", ") for o in overrides), params
+            assert next(m["value"] for m in run["data"]["metrics"] if m["key"] == "verify_ok") == 1.0
+            import urllib.request
+            with urllib.request.urlopen(f"{base}/get-artifact?path=verify/shapes.md&run_uuid={run_id}") as r:
+                assert f"| conv2 | Conv | {conv2} |" in r.read().decode()  # verified, not assumed
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            assert tags["dvc_exp_name"] == name and {"git_commit", "git_dirty", "torch", "onnxruntime",
+                                                     "device"} <= set(tags)
+            listed = set()
+            for folder in ("verify", "evaluate", "benchmark", "dvc"):
+                files = _rest(base, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path={folder}").get("files", [])
+                listed |= {f["path"] for f in files}
+            assert {"verify/shapes.md", "evaluate/confusion.png", "evaluate/misclassified.png",
+                    "benchmark/benchmark.png", "dvc/dvc.lock"} <= listed, listed
+        alias = _rest(base, "/api/2.0/mlflow/registered-models/alias?name=mnist-cnn-onnx&alias=candidate")
+        newest = max(by_name.values(), key=lambda r: int(r["info"]["start_time"]))
+        version = alias["model_version"]
+        assert version["aliases"] == ["candidate"] or "candidate" in version.get("aliases", [])
+        assert version["run_id"] in {by_name[n]["info"]["run_id"] for n in ARCHITECTURES}
+        assert {t["key"] for t in version["tags"]} >= {"eval_accuracy", "parity_max_abs_diff"}
+        assert newest["info"]["run_id"]  # both ran; the alias is on one of them (the last to export)
+
+        ids = [by_name[n]["info"]["run_id"] for n in ARCHITECTURES]
+        url = (f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}"
+               f"&experiments={quote(json.dumps([exp['experiment_id']]))}")
+        browser.set_window_size(1400, 1500)
+        browser.get(url)
+        WebDriverWait(browser, 90).until(
+            lambda d: all(n in d.find_element("tag name", "body").text for n in ARCHITECTURES))
+        time.sleep(2)  # let the charts finish drawing
+        shot = tmp_path / "mlflow-compare-runs.png"
+        browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:4] == b"\x89PNG"
+        if os.environ.get("SCREENSHOT_DIR"):  # keep it where a person can look at it
+            import shutil
+            shutil.copy(shot, os.environ["SCREENSHOT_DIR"])
 
 
 def test_an_architecture_that_does_not_tile_fails_before_training(repo):
@@ -199,7 +268,7 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     name = "mnist-cnn-onnx"
     cand = client.get_model_version_by_alias(name, "candidate")
     acc = float(cand.tags["eval_accuracy"])
-    assert acc == json.loads((root / "metrics/evaluate.json").read_text())["accuracy"]
+    assert acc == client.get_run(cand.run_id).data.metrics["eval_accuracy"]  # the evaluate stage's number
     assert "parity_max_abs_diff" in cand.tags
 
     result = _stage(root, env, "stages.promote")

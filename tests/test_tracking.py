@@ -1,0 +1,168 @@
+"""Tracking outages: a real `mlflow server` on 127.0.0.1, down at the start or killed mid-run.
+
+The train stage must finish and write its outs either way, spool what it could not log,
+and a replay must leave the run with exactly what the stage logged.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+EPOCH_METRICS = ("loss", "train_acc", "test_acc", "test_loss", "images_per_s", "seconds")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(db: Path, port: int):
+    """`mlflow server` on a sqlite file; killed with SIGKILL (the whole process group) on exit."""
+    log = open(db.with_suffix(f".{port}.log"), "a")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=db.parent, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" + db.with_suffix(f".{port}.log").read_text())
+                time.sleep(0.3)
+        yield proc
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def workdir(tmp_path, raw_dir):
+    """A folder to run the train stage in: tiny params, the real data, its own spool."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"].update(channels=[4, 8], fc_units=32)
+    params["train"].update(subset=3000, batch_size=100, checkpoint_every=0, epochs=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "raw").symlink_to(raw_dir)
+    return tmp_path
+
+
+def train(workdir: Path, uri: str, epochs: int, wait: bool = True):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["epochs"] = epochs
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "stages.train", "--data", "raw", "--model", "model.pt", "--metrics",
+           "train.json", "--plots", "train.csv", "--run-id", "run_id", "--checkpoint", "train.ckpt"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def sync(workdir: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.sync"], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_run_holds_everything_logged(uri: str, run_id: str, workdir: Path, epochs: int) -> None:
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    rows = list(csv.DictReader((workdir / "train.csv").open()))
+    assert len(rows) == epochs
+    for key in EPOCH_METRICS:  # one point per epoch, steps 1..epochs, the values the stage wrote
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        summary_point = [0] if key == "images_per_s" else []  # the run's mean, logged at the end as step 0
+        assert [m.step for m in history] == summary_point + list(range(1, epochs + 1)), key
+        per_epoch = history[len(summary_point):]
+        assert [round(m.value, 4) for m in per_epoch] == [round(float(r[key]), 4) for r in rows], key
+    summary = json.loads((workdir / "train.json").read_text())
+    assert run.data.metrics["peak_rss_mb"] == pytest.approx(summary["peak_rss_mb"])
+    assert run.data.params["train.epochs"] == str(epochs) and run.data.params["model.channels"] == "[4, 8]"
+    assert {"git_commit", "torch", "onnxruntime", "device"} <= set(run.data.tags)
+
+
+def test_server_down_at_the_start(workdir):
+    port = free_port()  # nothing listens here yet
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    code, out, err = train(workdir, uri, epochs=3)
+    elapsed = time.perf_counter() - t0
+    assert code == 0, err
+    for out_file in ("model.pt", "train.json", "train.csv", "run_id"):
+        assert (workdir / out_file).stat().st_size > 0
+    key = (workdir / "run_id").read_text().strip()
+    assert key.startswith("pending-")
+    assert err.count("warning: MLflow: could not") == 1  # one failure, then straight to the spool
+    assert (workdir / "spool" / f"{key}.jsonl").is_file()
+    assert elapsed < 120, elapsed  # generous: the point is that nothing waits on the dead server for long
+
+    still_down = sync(workdir, uri)
+    assert still_down.returncode == 1 and "stays in" in still_down.stderr
+
+    with mlflow_server(workdir / "mlflow.db", port):
+        result = sync(workdir, uri)
+        assert result.returncode == 0, result.stdout + result.stderr
+        ids = json.loads((workdir / "spool" / "ids.json").read_text())
+        assert_run_holds_everything_logged(uri, ids[key], workdir, epochs=3)
+        assert not list((workdir / "spool").glob("*.jsonl"))  # nothing left to replay
+        assert sync(workdir, uri).stdout.startswith("sync: nothing to replay")
+
+
+def test_server_killed_mid_run(workdir):
+    import mlflow
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    db = workdir / "mlflow.db"
+    epochs = 6
+    with mlflow_server(db, port):
+        proc = train(workdir, uri, epochs=epochs, wait=False)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        logged = 0
+        deadline = time.monotonic() + 300
+        while logged == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs:
+                logged = len(client.get_metric_history(runs[0].info.run_id, "loss"))
+    # The server is dead now (SIGKILL), with at least one epoch logged.
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert 1 <= logged < epochs, "the server should die mid-run"
+    run_id = (workdir / "run_id").read_text().strip()
+    assert not run_id.startswith("pending-")
+    assert "kept in" in err and (workdir / "spool" / f"{run_id}.jsonl").is_file()
+
+    with mlflow_server(db, port):
+        result = sync(workdir, uri)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_run_holds_everything_logged(uri, run_id, workdir, epochs=epochs)
+    shutil.rmtree(workdir / "spool", ignore_errors=True)
