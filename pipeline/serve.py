@@ -81,6 +81,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(-1, keepdims=True)
 
 
+_STOP = object()  # put on the queue by Batcher.close
+
+
 class _Job:
     __slots__ = ("x", "result", "error", "done")
 
@@ -93,8 +96,8 @@ class Batcher:
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, delay_s: float = 0.0):
         self._run, self._max, self._delay = run, max_batch, delay_s
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._carry: _Job | None = None  # a job that did not fit the last batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # _Job or _STOP
+        self._carry = None  # a job that did not fit the last batch, or _STOP seen while collecting
         self.runs = self.images = 0
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
@@ -109,13 +112,13 @@ class Batcher:
         return job.result
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._queue.put(_STOP)
         self._thread.join()
 
     def _collect(self) -> list[_Job] | None:
-        first = self._carry or self._queue.get()
+        first = self._carry if self._carry is not None else self._queue.get()
         self._carry = None
-        if first is None:
+        if first is _STOP:
             return None
         jobs, n = [first], len(first.x)
         deadline = time.monotonic() + self._delay
@@ -125,7 +128,7 @@ class Batcher:
                 job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None or n + len(job.x) > self._max:
+            if job is _STOP or n + len(job.x) > self._max:
                 self._carry = job  # the sentinel, or a job for the next batch
                 break
             jobs.append(job)

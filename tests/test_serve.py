@@ -255,3 +255,44 @@ def test_graceful_shutdown_finishes_the_request_in_flight(served_model):
         assert s.wait(timeout=10) == 0  # the idle keep-alive connection did not hold it up
         assert time.perf_counter() - t0 < 8
         assert any("stopped" in line for line in s.log)
+
+
+def test_batcher_joins_queued_requests_splits_results_and_closes_cleanly():
+    calls = []
+    gate = threading.Event()
+
+    def run(x):
+        calls.append(len(x))
+        gate.wait(5)  # hold the first run so the next requests queue up behind it
+        return x.reshape(len(x), -1)[:, :1] * 2
+
+    b = serve.Batcher(run, max_batch=5)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, b(np.full((2, 3), i, np.float32))))
+               for i in range(4)]
+    threads[0].start()
+    time.sleep(0.2)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    b.close()  # returns: the stop marker is never mistaken for "nothing carried over"
+    assert calls[0] == 2 and sum(calls) == 8 and max(calls) <= 5 and len(calls) < 4  # joined, never over 5
+    for i in range(4):
+        np.testing.assert_array_equal(results[i], np.full((2, 1), 2 * i, np.float32))
+
+
+def test_batcher_closes_while_it_waits_to_fill_a_batch():
+    b = serve.Batcher(lambda x: x, max_batch=5, delay_s=0.5)
+    result = {}
+    caller = threading.Thread(target=lambda: result.setdefault("y", b(np.ones((1, 2), np.float32))))
+    caller.start()
+    time.sleep(0.1)  # the batcher now waits for more requests; close() arrives during that wait
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    closer.join(5)
+    caller.join(5)
+    assert not closer.is_alive(), "close() hung"
+    np.testing.assert_array_equal(result["y"], np.ones((1, 2), np.float32))
