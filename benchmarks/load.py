@@ -31,6 +31,7 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,12 +191,16 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
             "rejected_p50_ms": ms(rejected_latency, 50), "rejected_p99_ms": ms(rejected_latency, 99)}
 
 
-def phase(model: Path, name: str, bodies, clients: int, seconds: float, flags: list[str]) -> dict:
+def phase(label: str, model: Path, name: str, bodies, clients: int, seconds: float, flags: list[str]) -> dict:
     with SpawnedServer(model, *flags) as server:
         pid = server.proc.pid
         samples: list[tuple[float, float]] = [(0.0, rss_mb(pid))]
-        result = run_clients(server.url, name, bodies, clients, seconds,
-                             on_tick=lambda t: samples.append((t, rss_mb(pid))))
+        with tqdm(total=round(seconds), desc=f"{label}: {clients} clients", unit="s",
+                  bar_format="{desc}: {bar} {n:.0f}/{total} s") as bar:
+            def tick(t: float) -> None:
+                samples.append((t, rss_mb(pid)))
+                bar.update(min(t, seconds) - bar.n)
+            result = run_clients(server.url, name, bodies, clients, seconds, on_tick=tick)
         samples.append((seconds, rss_mb(pid)))
         exit_code = server.stop()
     window = min(10.0, seconds / 3)
@@ -241,12 +246,12 @@ def main() -> None:
     if args.url:
         results["load"] = run_clients(args.url, args.name, bodies, args.clients, args.seconds)
     else:
-        results["load"] = phase(args.model, args.name, bodies, args.clients, args.seconds, [])
+        results["load"] = phase("load", args.model, args.name, bodies, args.clients, args.seconds, [])
         if args.compare_unbatched:
-            results["unbatched"] = phase(args.model, args.name, bodies, args.clients, args.seconds,
+            results["unbatched"] = phase("unbatched", args.model, args.name, bodies, args.clients, args.seconds,
                                          ["--no-batching"])
         if args.overload_concurrency:
-            results["overload"] = phase(args.model, args.name, bodies, args.clients, min(args.seconds, 10.0),
+            results["overload"] = phase("overload", args.model, args.name, bodies, args.clients, min(args.seconds, 10.0),
                                         ["--max-concurrency", str(args.overload_concurrency)])
     results["machine"] = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     print(table({k: v for k, v in results.items() if k != "machine"}))

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import digits, protocol, runtime
+from pipeline import digits, evaluate, protocol, runtime
 from pipeline.params import require
 
 PAGE = Path(__file__).with_name("static") / "draw.html"
@@ -76,12 +76,11 @@ def model_version(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
 _STOP = object()  # put on the queue by Batcher.close
+
+
+class ServeError(RuntimeError):
+    """The service cannot start as configured (for example, its port is taken)."""
 
 
 class _Job:
@@ -388,7 +387,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             return
         svc = self.server.service
-        probabilities = softmax(svc.infer(digits.image_to_input(body)))[0]
+        probabilities = evaluate.softmax(svc.infer(digits.image_to_input(body)))[0]
         self._json(200, {"model_name": svc.name, "model_version": svc.spec.version,
                          "digit": int(probabilities.argmax()),
                          "probabilities": [round(float(p), 6) for p in probabilities]})
@@ -435,7 +434,11 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
     """Run the service until SIGTERM or SIGINT; returns the process exit code."""
     service = Service(model_path, name, cfg)
-    server = Server(service, verbose)  # bound now: /v2/health/live answers during warm-up
+    try:
+        server = Server(service, verbose)  # bound now: /v2/health/live answers during warm-up
+    except OSError as e:
+        raise ServeError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
+                         "(0 = any free one) or stop what is using it") from None
     host, port = server.server_address[:2]
     log(f"serve: listening on http://{host}:{port} (model {name!r} from {model_path}; not ready until warmed up)")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http")

@@ -37,6 +37,7 @@ KNOWN_ERRORS = {  # module -> its error classes whose message is the whole story
     "pipeline.data": ("DownloadError", "IDXError"), "pipeline.export": ("ParityError",),
     "pipeline.runtime": ("ModelFileError",), "pipeline.shapes": ("ShapeError",),
     "pipeline.verify": ("VerifyError",), "pipeline.digits": ("ImageError",),
+    "pipeline.serve": ("ServeError",), "pipeline.triton": ("TritonError",),
 }
 
 

@@ -317,10 +317,12 @@ class Tracker:
                        version_tags: dict[str, Any] | None = None) -> None:
         if self.key is None:
             return
+        import tempfile
+
         import numpy as np
-        example_file = spool_dir() / "examples" / f"{uuid.uuid4().hex}.npy"
-        example_file.parent.mkdir(parents=True, exist_ok=True)
-        np.save(example_file, example)
+        with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as f:
+            np.save(f, example)
+        example_file = Path(f.name)
         try:
             self._do("log the ONNX model", {
                 "op": "log_onnx_model", "model": str(Path(model_path).resolve()), "example": str(example_file),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import digits, runtime, serve
+from pipeline import digits, evaluate, runtime
 from stages import _cli
 
 
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"{path}: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        p = serve.softmax(session.run(x))[0]
+        p = evaluate.softmax(session.run(x))[0]
         digit = int(np.argmax(p))
         if args.json:
             print(json.dumps({"file": str(path), "digit": digit, "probabilities": [round(float(v), 6) for v in p]}))

@@ -11,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.load import SpawnedServer
-from pipeline import digits, runtime, serve
+from pipeline import digits, evaluate, runtime
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def clear_digits(served_model, test_split):
     session = runtime.open_session(runtime.load_checked(served_model))
     picked = []
     for image, label in zip(*test_split):
-        p = serve.softmax(session.run(digits.image_to_input(png(image))))[0]
+        p = evaluate.softmax(session.run(digits.image_to_input(png(image))))[0]
         if p.argmax() == label and p.max() > 0.995:
             picked.append((image, int(label)))
         if len(picked) == 40:

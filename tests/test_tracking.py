@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def mlflow_server(db: Path, port: int):
                 time.sleep(0.3)
         yield proc
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
