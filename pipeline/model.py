@@ -56,9 +56,22 @@ class ModelConfig:
 
 
 class Net(nn.Module):
-    def __init__(self, cfg: ModelConfig = ModelConfig()):
+    """The network. ``relu_before_pool`` picks between two orders of the same function:
+    max(relu(a), relu(b)) == relu(max(a, b)) exactly, since ReLU is monotonic.
+
+    - False (training): pool, then ReLU: ReLU and its gradient on 4x fewer values, 1.3x faster
+      training steps on a 2-core CPU (measured).
+    - True (export): the tutorial's conv -> ReLU -> pool, the pattern inference engines fuse:
+      onnxruntime folds the ReLU into the FP32 convolution, and in the INT8 model into the
+      quantised convolution, whose uint8 output is then pooled without leaving uint8.
+
+    Both have the same parameters under the same names, so one state_dict loads into either.
+    """
+
+    def __init__(self, cfg: ModelConfig = ModelConfig(), relu_before_pool: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.relu_before_pool = relu_before_pool
         plan = {layer.name: layer for layer in cfg.layers()}
         blocks = []
         in_c = 1
@@ -70,11 +83,8 @@ class Net(nn.Module):
                 # rule); an explicit ZeroPad2d keeps that exact, a symmetric pad stays in the Conv.
                 nn.Identity() if symmetric else nn.ZeroPad2d((left, right, top, bottom)),
                 nn.Conv2d(in_c, out_c, cfg.kernel, cfg.stride, padding=top if symmetric else 0),
-                # The tutorial applies ReLU, then pools. max(relu(a), relu(b)) == relu(max(a, b))
-                # since ReLU is monotonic, so pooling first is the same function (and gradient)
-                # with ReLU on 4x fewer values: 1.3x faster training on a 2-core CPU.
-                nn.MaxPool2d(cfg.pool, cfg.pool_stride),
-                nn.ReLU(),
+                *((nn.ReLU(), nn.MaxPool2d(cfg.pool, cfg.pool_stride)) if relu_before_pool
+                  else (nn.MaxPool2d(cfg.pool, cfg.pool_stride), nn.ReLU())),
             ]
             in_c = out_c
         self.features = nn.Sequential(*blocks)
@@ -82,6 +92,12 @@ class Net(nn.Module):
         self.fc1 = nn.Linear(flat, cfg.fc_units)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.fc_units, NUM_CLASSES)
+
+    def in_tutorial_order(self) -> Net:
+        """This network with the same weights, ReLU before each pool: what the export writes."""
+        net = Net(self.cfg, relu_before_pool=True).to(self.fc1.weight.device)
+        net.load_state_dict(self.state_dict())
+        return net.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 1, 28, 28)
         x = self.features(x)  # (N, 64, 7, 7) with the defaults

@@ -48,3 +48,18 @@ def test_other_architectures_build_and_agree_with_their_plan(cfg):
     assert count_params(net) == sum(layer.params for layer in plan)
     feats = net.features(torch.rand(2, 1, 28, 28))
     assert tuple(feats.shape[1:]) == plan[-4].shape  # the last pool
+
+
+def test_both_orders_are_the_same_function_and_gradient():
+    torch.manual_seed(0)
+    net = Net().eval()  # eval: no dropout, so both see the same function
+    other = net.in_tutorial_order()
+    assert [type(m).__name__ for m in other.features][1:4] == ["Conv2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in net.features][1:4] == ["Conv2d", "MaxPool2d", "ReLU"]
+    x = torch.randn(8, 1, 28, 28)  # signed input: both signs reach the ReLUs
+    out_a, out_b = net(x), other(x)
+    assert torch.equal(out_a, out_b)  # max and ReLU commute exactly, not just nearly
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), other.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
