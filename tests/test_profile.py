@@ -1,0 +1,52 @@
+"""The profiler behind the README's speed limits: FLOP counts and per-layer attribution."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import profile
+from pipeline import export
+from pipeline.model import ModelConfig, Net
+
+SMALL = ModelConfig(channels=(8, 16), fc_units=64)
+
+
+def test_flops_are_the_issues_numbers():
+    fwd = profile.forward_flops(ModelConfig())
+    assert fwd == {"conv1": 2 * 800 * 28 * 28, "conv2": 2 * 51_200 * 14 * 14, "fc1": 2 * 3136 * 1024,
+                   "logits": 2 * 1024 * 10}
+    assert sum(fwd.values()) / 1e6 == pytest.approx(27.8, abs=0.05)  # "about 27.8 MFLOP per image"
+    step = profile.train_flops(ModelConfig())
+    assert step["conv1 backward"] == fwd["conv1"]  # the image needs no gradient
+    assert step["conv2 backward"] == 2 * fwd["conv2"]
+    assert sum(step.values()) / 1e6 == pytest.approx(82.0, abs=0.1)  # "about 83 MFLOP per image"
+
+
+def test_a_training_step_is_attributed_to_its_layers():
+    torch.manual_seed(0)
+    net = Net(SMALL)
+    opt = torch.optim.Adam(net.parameters())
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    rows = profile.torch_profile(step, net, runs=2)
+    for layer in ("conv1", "conv2", "fc1", "logits"):
+        assert rows[f"{layer} forward"] > 0 and rows[f"{layer} backward"] > 0, rows
+    assert rows["optimizer (Adam)"] > 0 and rows["max pool backward"] > 0
+    assert rows.get("other", 0) < 0.5 * sum(rows.values())  # the layers, not "other", hold the time
+
+
+def test_onnxruntime_nodes_are_named_by_layer(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(Net(SMALL).eval(), path, export.ExportConfig())
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    rows = profile.ort_profile(path, SMALL, x, runs=3)
+    named = {k.split(" ")[0] for k in rows if "(" in k}
+    assert named == {"conv1", "conv2", "fc1", "logits"}, rows
+    lines = profile.table(rows, profile.forward_flops(SMALL), 8, "op")
+    conv2 = next(line for line in lines if line.startswith("| conv2"))
+    assert conv2.split("|")[4].strip().isdigit()  # a GFLOP/s figure for a layer whose FLOPs are known
