@@ -176,16 +176,20 @@ def plan(models: dict[str, onnx.ModelProto], cfg: BenchConfig) -> tuple[list[tup
 
 def sweep(cases: list[tuple[str, str, str]], models: dict[str, onnx.ModelProto], net: torch.nn.Module,
           x: np.ndarray, cfg: BenchConfig, on_case: Callable[[str], None] = lambda name: None) -> list[dict]:
-    """Every case at every batch size; ``on_case`` is told each one as it finishes."""
-    rows = []
-    for kind, provider, precision in cases:
-        for batch in cfg.batch_sizes:
+    """Every case at every batch size; ``on_case`` is told each one as it finishes. The cases
+    of one batch size run back to back, so the ratios compare measurements taken within
+    seconds of each other (this machine's speed drifts by 20% over minutes); rows come back
+    grouped by case, in batch order."""
+    rows = {}
+    for batch in cfg.batch_sizes:
+        for case in cases:
+            kind, provider, precision = case
             if kind == "ort":
-                rows.append(ort_case(models[precision], provider, batch, x, cfg, precision))
+                rows[case, batch] = ort_case(models[precision], provider, batch, x, cfg, precision)
             else:
-                rows.append(torch_case(net, torch.device(provider), batch, x, cfg))
+                rows[case, batch] = torch_case(net, torch.device(provider), batch, x, cfg)
             on_case(f"{kind} {provider} {precision} batch {batch}")
-    return rows
+    return [rows[case, batch] for case in cases for batch in cfg.batch_sizes]
 
 
 # ------------------------------------------------------------------------------ reporting

@@ -91,3 +91,17 @@ def test_bad_bench_params_are_refused():
         parse(bench.BenchConfig, {"providers": ["cuda"]}, "benchmark")
     with pytest.raises(ParamError, match="benchmark.batch_sizes"):
         parse(bench.BenchConfig, {"batch_sizes": [0]}, "benchmark")
+
+
+def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
+    model, path = small_onnx
+    x = evaluate.images_to_input(test_split[0][:4])
+    models = {"fp32": runtime.load_checked(path)}
+    cases = [("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")]
+    order = []
+    rows = bench.sweep(cases, models, model, x, FAST, order.append)
+    # measured batch by batch, so the compared cases are seconds apart ...
+    assert order == ["ort cpu fp32 batch 1", "torch cpu fp32 batch 1", "ort cpu fp32 batch 4", "torch cpu fp32 batch 4"]
+    # ... and reported case by case
+    assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
+                                                       ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
