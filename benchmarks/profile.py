@@ -115,17 +115,16 @@ def _layer_of(event, weights: dict[tuple, str]) -> str | None:
     return None
 
 
-_KINDS = {  # top-level op or autograd node (lower case, contains) -> row name
-    "conv": "conv", "addmm": "fc", "linear": "fc", "mm": "fc", "max_pool": "max pool", "maxpool": "max pool",
-    "relu": "ReLU", "threshold": "ReLU", "dropout": "dropout", "cross_entropy": "loss", "nll": "loss",
-    "log_softmax": "loss", "adam": "optimizer (Adam)", "index": "batch gather", "zero_grad": "zero_grad",
+_KINDS = {  # top-level op or autograd node without weights (lower case, contains) -> row name
+    "max_pool": "max pool", "maxpool": "max pool", "relu": "ReLU", "threshold": "ReLU", "dropout": "dropout",
+    "cross_entropy": "loss", "nll": "loss", "log_softmax": "loss", "index": "batch gather",
 }
 
 
 def _row_of(event, weights: dict[tuple, str]) -> str:
     name = event.name.lower()
     phase = "backward" if "backward" in name or "evaluate_function" in name else "forward"
-    if "adam" in name or "optimizer" in name:
+    if "optimizer" in name:  # Optimizer.step#Adam.step, Optimizer.zero_grad#Adam.zero_grad
         return "optimizer (Adam)"
     layer = _layer_of(event, weights)
     if layer is not None and any(k in name for k in ("conv", "addmm", "mm", "linear", "accumulategrad")):
