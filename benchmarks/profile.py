@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -237,6 +238,7 @@ def profile_train(args: argparse.Namespace) -> list[str]:
 
     def epoch():
         bare.append(train.train_epoch(model, opt, sched, x, y, tcfg, 0)["seconds"] / args.runs * 1e3)
+    say(f"warm-up, then {args.runs} profiled steps, 3 x {args.runs} bare steps and the matrix-multiply peaks ...")
     epoch()  # warm-up
     rows = torch_profile(lambda: train.train_epoch(model, opt, sched, x, y, tcfg, 0), model, 1)
     rows = {k: v / args.runs for k, v in rows.items()}  # per step
@@ -264,13 +266,19 @@ def profile_train(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def say(text: str) -> None:
+    """Progress and notes, on stderr so the report on stdout stays clean."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def profile_inference(args: argparse.Namespace) -> list[str]:
-    torch.set_num_threads(os.cpu_count() or 1)
     cfg = ModelConfig()
     net = Net(cfg)
     weights = Path(args.weights)
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        say(f"{weights} not found: PyTorch runs random weights (the speed does not depend on them)")
     net = net.to(memory_format=torch.channels_last).eval()
     x = np.random.default_rng(0).random((args.batch, 1, 28, 28), dtype=np.float32)
     xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
@@ -278,12 +286,17 @@ def profile_inference(args: argparse.Namespace) -> list[str]:
     @torch.inference_mode()
     def torch_call():
         net(xt)
-    flops = {name: f for name, f in forward_flops(cfg).items()}
+    flops = forward_flops(cfg)
+    say("profiling PyTorch eager ...")
     paths = {"PyTorch eager FP32": (torch_profile(torch_call, net, args.runs), torch_call)}
     for label, path in (("onnxruntime FP32", args.model), ("onnxruntime INT8", args.int8)):
-        if Path(path).exists():
+        if not Path(path).exists():
+            say(f"{path} not found, {label} skipped: run `dvc repro benchmark` first, or pass its path")
+        else:
+            say(f"profiling {label} ...")
             s = runtime.open_session(runtime.load_checked(path), "cpu")
             paths[label] = (ort_profile(Path(path), cfg, x, args.runs), lambda s=s: s.run(x))
+    say("timing each path without the profiler, then the matrix-multiply peaks ...")
     walls = {label: median_seconds(call, args.runs) * 1e3 for label, (_, call) in paths.items()}
     peaks = gemm_peaks()
     per_image = sum(flops.values())
