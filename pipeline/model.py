@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import shapes
+from pipeline import shapes, spectral
 from pipeline.params import ParamError, require
 
 INPUT_HW = 28  # MNIST images are 28x28, one channel
@@ -66,27 +66,37 @@ class Net(nn.Module):
       quantised convolution, whose uint8 output is then pooled without leaving uint8.
 
     Both have the same parameters under the same names, so one state_dict loads into either.
+
+    ``spectral_convs``: convolutions whose arithmetic is cheaper in the frequency domain (conv2
+    with the defaults) train there on a CPU (pipeline.spectral); evaluation and export always
+    run the ordinary convolution. False builds plain nn.Conv2d layers throughout.
     """
 
-    def __init__(self, cfg: ModelConfig = ModelConfig(), relu_before_pool: bool = False):
+    def __init__(self, cfg: ModelConfig = ModelConfig(), relu_before_pool: bool = False,
+                 spectral_convs: bool = True):
         super().__init__()
         self.cfg = cfg
         self.relu_before_pool = relu_before_pool
+        self.spectral_convs = spectral_convs
         plan = {layer.name: layer for layer in cfg.layers()}
         blocks = []
-        in_c = 1
+        in_c, in_hw = 1, (INPUT_HW, INPUT_HW)
         for i, out_c in enumerate(cfg.channels, start=1):
             top, left, bottom, right = plan[f"conv{i}"].pads
             symmetric = top == bottom and left == right
+            if not symmetric:
+                in_hw = (in_hw[0] + top + bottom, in_hw[1] + left + right)
             blocks += [
                 # SAME with an even window pads one more pixel after than before (TensorFlow's
                 # rule); an explicit ZeroPad2d keeps that exact, a symmetric pad stays in the Conv.
                 nn.Identity() if symmetric else nn.ZeroPad2d((left, right, top, bottom)),
-                nn.Conv2d(in_c, out_c, cfg.kernel, cfg.stride, padding=top if symmetric else 0),
+                # nn.Conv2d, or where it is cheaper, its frequency-domain variant for training
+                spectral.conv2d(in_c, out_c, cfg.kernel, cfg.stride, top if symmetric else 0, in_hw)
+                if spectral_convs else nn.Conv2d(in_c, out_c, cfg.kernel, cfg.stride, top if symmetric else 0),
                 *((nn.ReLU(), nn.MaxPool2d(cfg.pool, cfg.pool_stride)) if relu_before_pool
                   else (nn.MaxPool2d(cfg.pool, cfg.pool_stride), nn.ReLU())),
             ]
-            in_c = out_c
+            in_c, in_hw = out_c, plan[f"pool{i}"].shape[1:]
         self.features = nn.Sequential(*blocks)
         flat = plan["flatten"].shape[0]
         self.fc1 = nn.Linear(flat, cfg.fc_units)
@@ -95,7 +105,7 @@ class Net(nn.Module):
 
     def in_tutorial_order(self) -> Net:
         """This network with the same weights, ReLU before each pool: what the export writes."""
-        net = Net(self.cfg, relu_before_pool=True).to(self.fc1.weight.device)
+        net = Net(self.cfg, relu_before_pool=True, spectral_convs=self.spectral_convs).to(self.fc1.weight.device)
         net.load_state_dict(self.state_dict())
         return net.train(self.training)
 

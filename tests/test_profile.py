@@ -22,17 +22,20 @@ def test_flops_are_the_issues_numbers():
     assert sum(step.values()) / 1e6 == pytest.approx(82.0, abs=0.1)  # "about 83 MFLOP per image"
 
 
-def test_a_training_step_is_attributed_to_its_layers():
+def _profiled_steps(net: Net, batch: int) -> dict[str, float]:
     torch.manual_seed(0)
-    net = Net(SMALL)
     opt = torch.optim.Adam(net.parameters())
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
     def step():
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         opt.step()
-    rows = profile.torch_profile(step, net, runs=2)
+    return profile.torch_profile(step, net, runs=2)
+
+
+def test_a_training_step_is_attributed_to_its_layers():
+    rows = _profiled_steps(Net(SMALL), batch=16)
     for layer in ("conv1", "conv2", "fc1", "logits"):
         assert rows[f"{layer} forward"] > 0 and rows[f"{layer} backward"] > 0, rows
     assert rows["optimizer (Adam)"] > 0 and rows["max pool backward"] > 0
@@ -50,3 +53,11 @@ def test_onnxruntime_nodes_are_named_by_layer(tmp_path):
     lines = profile.table(rows, profile.forward_flops(SMALL), 8, "op")
     conv2 = next(line for line in lines if line.startswith("| conv2"))
     assert conv2.split("|")[4].strip().isdigit()  # a GFLOP/s figure for a layer whose FLOPs are known
+
+
+def test_the_frequency_domain_conv2_is_attributed_to_conv2():
+    net = Net()  # default widths: conv2 trains through pipeline.spectral
+    assert type(net.features[5]).__name__ == "SpectralConv2d"
+    rows = _profiled_steps(net, batch=8)
+    assert rows["conv2 forward"] > 0 and rows["conv2 backward"] > 0, rows
+    assert rows.get("other", 0) < 0.1 * rows["conv2 backward"], rows  # its gradient ops are found
