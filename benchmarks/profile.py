@@ -244,6 +244,7 @@ def machine() -> str:
 def profile_train(args: argparse.Namespace) -> list[str]:
     """The real training loop (train.train_epoch) over ``runs`` batches, profiled, then timed bare."""
     train.seed_everything(0, 0)
+    train.keep_freed_memory()  # as the train stage does
     cfg, tcfg = ModelConfig(), train.TrainConfig(batch_size=args.batch)
     dev = torch.device("cpu")
     images = np.random.default_rng(0).integers(0, 256, (args.batch * args.runs, 28, 28), dtype=np.uint8)

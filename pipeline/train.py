@@ -7,8 +7,10 @@ CPU run is bit-for-bit reproducible.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -61,6 +63,27 @@ def seed_everything(seed: int, threads: int) -> None:
     np.random.seed(seed)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True, warn_only=True)  # CPU kernels are deterministic
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory of freed activations in the process instead of handing it back to the OS.
+
+    A CPU training step allocates and frees the same large activations every time (25.7 MB for
+    conv1's output at batch 256). glibc serves blocks that large with mmap, or trims them off
+    the heap, when they are freed, so the next step page-faults them in again: 1,000-12,000
+    faults per step measured here, about 2 us each (conv1's forward alone: 33 ms with its
+    12,500 faults, 7 ms without). Raising the mmap threshold to its maximum (32 MiB) and the
+    trim threshold to 1 GiB does on the CPU what PyTorch's caching allocator does on a GPU.
+    glibc only (Linux); returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def configure_device(device: torch.device, cfg: TrainConfig) -> None:

@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = _cli.section(train.TrainConfig, "train", all_params)
     device = train.resolve_device(cfg.device)
     train.seed_everything(cfg.seed, cfg.threads)
+    train.keep_freed_memory()
     train.configure_device(device, cfg)
 
     x_np, y_np = data.load_split(args.data, "train")
