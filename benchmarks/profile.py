@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -257,11 +258,16 @@ def profile_train(args: argparse.Namespace) -> list[str]:
     def epoch():
         bare.append(train.train_epoch(model, opt, sched, x, y, tcfg, 0)["seconds"] / args.runs * 1e3)
     say(f"warm-up, then {args.runs} profiled steps, 3 x {args.runs} bare steps and the matrix-multiply peaks ...")
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     epoch()  # warm-up
+    f0 = faults()
     rows = torch_profile(lambda: train.train_epoch(model, opt, sched, x, y, tcfg, 0), model, 1)
     rows = {k: v / args.runs for k, v in rows.items()}  # per step
+    f1 = faults()
     for _ in range(3):
         epoch()
+    f2 = faults()
     flops = train_flops(cfg)
     peaks = gemm_peaks()
     step_ms = float(np.median(bare[1:]))
@@ -278,7 +284,10 @@ def profile_train(args: argparse.Namespace) -> list[str]:
         *table(rows, flops, args.batch, "part of the step"), "",
         f"The profiled parts sum to {sum(rows.values()):.0f} ms per step = "
         f"{args.batch / sum(rows.values()) * 1e3:.0f} images/s (the profiled and the bare runs are minutes apart "
-        f"on a machine whose speed drifts). "
+        f"on a machine whose speed drifts). Page faults per step: {(f1 - f0) / (2 * args.runs):.0f} profiled, "
+        f"{(f2 - f1) / (3 * args.runs):.0f} bare; the profiler's own allocations defeat the train stage's "
+        f"kept memory (pipeline.train.keep_freed_memory), and the faults land in the ops that write large "
+        f"fresh tensors (conv1 forward, max pool backward), so those rows read high. "
         f"GFLOP/s are the layer's nominal FLOPs (sliding-window convolution, dense matrix products) per "
         f"second: conv2 trains in the frequency domain (pipeline.spectral), which takes fewer operations, so "
         f"its figure can pass the matrix-multiply peak. "
