@@ -17,7 +17,7 @@ imaginary parts, so all three products are real. Placing the image at offset (p,
 kept, so the result equals the zero-padded convolution up to float rounding.
 
 For conv2 of the tutorial network this is 13.2 instead of 20.1 MFLOP per image forward, and
-the gradients shrink alike; conv1 (one input channel, 28x28) would cost 40x more, so
+about 15.5 instead of 40.1 for the two gradients; conv1 (one input channel, 28x28) would cost 40x more, so
 ``conv2d`` builds a SpectralConv2d only where the arithmetic says it is cheaper. Only CPU
 training uses it: evaluation and ONNX export run the ordinary convolution (same weights,
 same state_dict), and on a GPU cuDNN picks its own algorithms.
