@@ -17,10 +17,10 @@ imaginary parts, so all three products are real. Placing the image at offset (p,
 kept, so the result equals the zero-padded convolution up to float rounding.
 
 For conv2 of the tutorial network this is 13.2 instead of 20.1 MFLOP per image forward, and
-about 15.5 instead of 40.1 for the two gradients; conv1 (one input channel, 28x28) would cost 40x more, so
-``conv2d`` builds a SpectralConv2d only where the arithmetic says it is cheaper. Only CPU
-training uses it: evaluation and ONNX export run the ordinary convolution (same weights,
-same state_dict), and on a GPU cuDNN picks its own algorithms.
+about 15.5 instead of 40.1 for the two gradients; conv1 (one input channel, 28x28) would
+cost 40x more, so ``conv2d`` builds a SpectralConv2d only where the arithmetic says it is
+cheaper. Only CPU training uses it: evaluation and ONNX export run the ordinary
+convolution (same weights, same state_dict), and on a GPU cuDNN picks its own algorithms.
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def supported(kernel, stride, padding, dilation=1, groups=1) -> bool:
 
 def conv2d(c_in: int, c_out: int, kernel: int, stride: int, padding: int, input_hw: tuple[int, int]) -> nn.Conv2d:
     """An nn.Conv2d, or a SpectralConv2d (same parameters) where that takes fewer FLOPs."""
-    if supported(kernel, stride, padding) and \
-            spectral_flops(input_hw, c_in, c_out, kernel, padding) < direct_flops(input_hw, c_in, c_out, kernel, padding):
+    shape = (input_hw, c_in, c_out, kernel, padding)
+    if supported(kernel, stride, padding) and spectral_flops(*shape) < direct_flops(*shape):
         return SpectralConv2d(c_in, c_out, kernel, stride, padding)
     return nn.Conv2d(c_in, c_out, kernel, stride, padding)
 
