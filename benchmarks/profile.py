@@ -167,18 +167,18 @@ def torch_profile(step, model: Net, runs: int) -> dict[str, float]:
     named = {e: _row_of(e, weights) for e in top}
     # A backward node carries its forward op's sequence number: the gradients of a layer made of
     # several ops (the frequency-domain conv2: matmuls, copies, an FFT of the filters) go to that layer.
+    layers = set(weights.values())
     layer_of_seq = {}
     for e, row in named.items():
-        if row.endswith(" forward") and _layer_of(e, weights) is not None:
-            layer_of_seq.update({d.sequence_nr: row.removesuffix(" forward") for d in _descendants(e)
-                                 if d.sequence_nr >= 0})
+        layer = row.removesuffix(" forward")
+        if layer in layers:
+            layer_of_seq.update({d.sequence_nr: layer for d in _descendants(e) if d.sequence_nr >= 0})
     rows: dict[str, float] = defaultdict(float)
     for e, row in named.items():
         if row == "other" and "evaluate_function" in e.name and e.sequence_nr in layer_of_seq:
             row = f"{layer_of_seq[e.sequence_nr]} backward"
         rows[row] += e.cpu_time_total / 1e3 / runs
     return dict(rows)
-
 
 
 # ------------------------------------------------------------------------------ onnxruntime profile
@@ -257,9 +257,9 @@ def profile_train(args: argparse.Namespace) -> list[str]:
 
     def epoch():
         bare.append(train.train_epoch(model, opt, sched, x, y, tcfg, 0)["seconds"] / args.runs * 1e3)
-    say(f"warm-up, then {args.runs} profiled steps, 3 x {args.runs} bare steps and the matrix-multiply peaks ...")
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    say(f"warm-up, then {args.runs} profiled steps, 3 x {args.runs} bare steps and the matrix-multiply peaks ...")
     epoch()  # warm-up
     f0 = faults()
     rows = torch_profile(lambda: train.train_epoch(model, opt, sched, x, y, tcfg, 0), model, 1)

@@ -70,9 +70,9 @@ def our_epoch(images, labels) -> float:
 
 
 LOOPS = {  # name -> (epoch function, whether the process keeps freed memory as the train stage does)
-    "reference": ("reference_epoch", False),  # pytorch/examples as published
-    "ours": ("our_epoch", True),  # the train stage's loop and process set-up
-    "reference, memory kept": ("reference_epoch", True),  # how much of the gap is the allocator
+    "reference": (reference_epoch, False),  # pytorch/examples as published
+    "ours": (our_epoch, True),  # the train stage's loop and process set-up
+    "reference, memory kept": (reference_epoch, True),  # how much of the gap is the allocator
 }
 
 
@@ -83,7 +83,7 @@ def one_run(loop: str, raw: Path, images: int) -> float:
     if keep:
         train.keep_freed_memory()
     x, y = data.load_split(raw, "train")
-    return globals()[fn](x[:images], y[:images])
+    return fn(x[:images], y[:images])
 
 
 def main() -> None:

@@ -86,13 +86,14 @@ class Net(nn.Module):
             symmetric = top == bottom and left == right
             if not symmetric:
                 in_hw = (in_hw[0] + top + bottom, in_hw[1] + left + right)
+            pad = top if symmetric else 0
             blocks += [
                 # SAME with an even window pads one more pixel after than before (TensorFlow's
                 # rule); an explicit ZeroPad2d keeps that exact, a symmetric pad stays in the Conv.
                 nn.Identity() if symmetric else nn.ZeroPad2d((left, right, top, bottom)),
                 # nn.Conv2d, or where it is cheaper, its frequency-domain variant for training
-                spectral.conv2d(in_c, out_c, cfg.kernel, cfg.stride, top if symmetric else 0, in_hw)
-                if spectral_convs else nn.Conv2d(in_c, out_c, cfg.kernel, cfg.stride, top if symmetric else 0),
+                spectral.conv2d(in_c, out_c, cfg.kernel, cfg.stride, pad, in_hw) if spectral_convs
+                else nn.Conv2d(in_c, out_c, cfg.kernel, cfg.stride, pad),
                 *((nn.ReLU(), nn.MaxPool2d(cfg.pool, cfg.pool_stride)) if relu_before_pool
                   else (nn.MaxPool2d(cfg.pool, cfg.pool_stride), nn.ReLU())),
             ]
