@@ -9,8 +9,10 @@ error names each one and why. Files reach their final path only whole (pipeline.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import math
 import os
+import socket
 import struct
 import time
 import urllib.error
@@ -49,7 +51,7 @@ class DownloadConfig:
         "https://storage.googleapis.com/cvdf-datasets/mnist/",
         "http://yann.lecun.com/exdb/mnist/",
     )
-    timeout_s: float = 30.0  # per request: connect, and each read; also the limit for a whole file
+    timeout_s: float = 30.0  # per try: connecting and receiving the whole file
     retries: int = 2  # extra tries per mirror after a network error, with exponential backoff
     backoff_s: float = 1.0  # wait before the first retry; doubles each time
 
@@ -76,6 +78,11 @@ class _NetworkFailure(_MirrorFailure):
     """A failure worth retrying on the same mirror (connection, timeout, 5xx)."""
 
 
+class _Unreachable(_NetworkFailure):
+    """No answer in time, or no connection: after its retries the mirror is skipped for the
+    rest of the run (a dead mirror costs its retries once, not once per file)."""
+
+
 def mirrors_with_override(mirrors: tuple[str, ...], env: dict | None = None) -> tuple[str, ...]:
     """Put $MNIST_MIRROR (a folder or URL) first, when it is set."""
     extra = (os.environ if env is None else env).get(MIRROR_ENV, "").strip()
@@ -90,19 +97,36 @@ def _is_url(mirror: str) -> bool:
 
 
 def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> bytes:
+    """The body at ``url``, all of it within ``timeout_s`` seconds, whatever the server does.
+
+    Each read takes what has arrived (``read1``) with the socket's timeout set to the time
+    left, so a server that stalls, or drips a byte every few seconds, is abandoned at the
+    deadline instead of when it hangs up.
+    """
     deadline = time.monotonic() + timeout_s
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             length = resp.headers.get("Content-Length")
+            if length is not None and not (length.isascii() and length.isdigit()):
+                raise _MirrorFailure(f"invalid Content-Length {length!r}")
             if length is not None and int(length) > MAX_GZ_BYTES:
                 raise _MirrorFailure(f"refused: {length} bytes is larger than any MNIST file")
             chunks, got = [], 0
-            while chunk := resp.read(1 << 16):
+            while True:
+                too_slow = _Unreachable(f"too slow: not complete within {timeout_s:g} s ({got:,} bytes)")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise too_slow
+                _set_read_timeout(resp, left)
+                try:
+                    chunk = resp.read1(1 << 16)
+                except TimeoutError:
+                    raise too_slow from None
+                if not chunk:
+                    break
                 got += len(chunk)
                 if got > MAX_GZ_BYTES:
                     raise _MirrorFailure("refused: larger than any MNIST file")
-                if time.monotonic() > deadline:  # a server that drips bytes never trips the socket timeout
-                    raise _NetworkFailure(f"stalled: not complete within {timeout_s:g} s")
                 chunks.append(chunk)
                 progress(len(chunk))
             data = b"".join(chunks)
@@ -112,12 +136,24 @@ def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> b
     except urllib.error.HTTPError as e:
         cls = _NetworkFailure if e.code >= 500 else _MirrorFailure
         raise cls(f"HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: malformed URL
-        reason = getattr(e, "reason", e)
-        raise _NetworkFailure(f"{type(reason).__name__}: {reason}") from None
+    except (TimeoutError, ConnectionError) as e:  # no answer in time, refused, reset
+        raise _Unreachable(f"{type(e).__name__}: {e or 'timed out'}") from None
+    except urllib.error.URLError as e:
+        cls = _Unreachable if isinstance(e.reason, (TimeoutError, ConnectionError, OSError)) else _NetworkFailure
+        raise cls(f"{type(e.reason).__name__}: {e.reason}") from None
+    except (http.client.HTTPException, OSError, ValueError) as e:  # ValueError: malformed URL
+        raise _NetworkFailure(f"{type(e).__name__}: {e}") from None
 
 
-def _fetch(mirror: str, name: str, cfg: DownloadConfig, progress: Callable[[int], None]) -> bytes:
+def _set_read_timeout(resp, seconds: float) -> None:
+    """Bound the next socket read of an http.client response (file: URLs have no socket)."""
+    sock = getattr(getattr(resp.fp, "raw", None), "_sock", None)  # SocketIO keeps its socket here
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
+def _fetch(mirror: str, name: str, cfg: DownloadConfig, progress: Callable[[int], None],
+           log: Callable[[str], None]) -> bytes:
     """The raw .gz bytes of one file from one mirror, with retries on network errors."""
     if not _is_url(mirror):
         path = Path(mirror).expanduser() / f"{name}.gz"
@@ -131,12 +167,16 @@ def _fetch(mirror: str, name: str, cfg: DownloadConfig, progress: Callable[[int]
         return data
     url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", f"{name}.gz")
     for attempt in range(cfg.retries + 1):
+        log(f"{name}.gz: waiting on {mirror} (try {attempt + 1} of {cfg.retries + 1}, "
+            f"at most {cfg.timeout_s:g} s)")
         try:
             return _fetch_url(url, cfg.timeout_s, progress)
         except _NetworkFailure as e:
             if attempt == cfg.retries:
-                raise _NetworkFailure(f"{e} (after {attempt + 1} tries)") from None
-            time.sleep(cfg.backoff_s * 2**attempt)
+                raise type(e)(f"{e} (after {attempt + 1} tries)") from None
+            wait = cfg.backoff_s * 2**attempt
+            log(f"{name}.gz: {mirror}: {e}; trying again in {wait:g} s")
+            time.sleep(wait)
     raise AssertionError("unreachable")
 
 
@@ -154,13 +194,23 @@ def _decompress(blob: bytes) -> bytes:
 
 
 def fetch_verified(name: str, mirrors: tuple[str, ...], cfg: DownloadConfig,
-                   progress: Callable[[int], None] = lambda n: None) -> tuple[bytes, str]:
-    """The verified, decompressed payload of one file and the mirror that served it."""
+                   progress: Callable[[int], None] = lambda n: None,
+                   log: Callable[[str], None] = lambda line: None,
+                   unreachable: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """The verified, decompressed payload of one file and the mirror that served it.
+
+    ``unreachable`` ({mirror: why}) carries dead mirrors from file to file: a mirror that
+    timed out or refused the connection on every try is skipped from then on.
+    """
     expected = FILES[name]
+    unreachable = {} if unreachable is None else unreachable
     failures = []
     for mirror in mirrors:
+        if mirror in unreachable:
+            failures.append(f"  {mirror}: skipped, unreachable earlier in this run ({unreachable[mirror]})")
+            continue
         try:
-            payload = _decompress(_fetch(mirror, name, cfg, progress))
+            payload = _decompress(_fetch(mirror, name, cfg, progress, log))
             digest = hashlib.sha256(payload).hexdigest()
             if digest != expected:
                 raise _MirrorFailure(f"checksum mismatch: sha256 {digest[:16]}..., expected {expected[:16]}...")
@@ -171,6 +221,9 @@ def fetch_verified(name: str, mirrors: tuple[str, ...], cfg: DownloadConfig,
             return payload, mirror
         except _MirrorFailure as e:
             failures.append(f"  {mirror}: {e}")
+            if isinstance(e, _Unreachable):
+                unreachable[mirror] = str(e)
+                log(f"skipping {mirror} for the rest of this run: {e}")
     raise DownloadError(
         f"could not get a verified copy of {name} from any mirror:\n" + "\n".join(failures)
         + f"\nCheck the network, or set {MIRROR_ENV} to a folder or URL holding the four MNIST .gz files."
@@ -185,15 +238,20 @@ def file_ok(path: Path, name: str) -> bool:
 
 
 def download(dest: Path, mirrors: tuple[str, ...], cfg: DownloadConfig,
-             progress: Callable[[str, int], None] = lambda name, n: None) -> dict[str, str]:
-    """Make ``dest`` hold the four verified IDX files; returns {file: mirror it came from}."""
+             progress: Callable[[str, int], None] = lambda name, n: None,
+             log: Callable[[str], None] = lambda line: None) -> dict[str, str]:
+    """Make ``dest`` hold the four verified IDX files; returns {file: mirror it came from}.
+
+    ``log`` hears which mirror is being waited on, each retry, and each mirror skipped."""
     sources = {}
+    unreachable: dict[str, str] = {}
     for name in FILES:
         path = dest / name
         if file_ok(path, name):
             sources[name] = "already present"
             continue
-        payload, sources[name] = fetch_verified(name, mirrors, cfg, lambda n, name=name: progress(name, n))
+        payload, sources[name] = fetch_verified(name, mirrors, cfg, lambda n, name=name: progress(name, n),
+                                                log, unreachable)
         atomic.write_bytes(path, payload)
     return sources
 

@@ -14,7 +14,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = _cli.section(data.DownloadConfig, "download")
     mirrors = data.mirrors_with_override(cfg.mirrors)
     with tqdm(unit="B", unit_scale=True, desc="MNIST", leave=False) as bar:
-        sources = data.download(args.out, mirrors, cfg, lambda name, n: bar.update(n))
+        sources = data.download(args.out, mirrors, cfg, lambda name, n: bar.update(n), tqdm.write)
     for name, source in sources.items():
         print(f"{name}: verified sha256, from {source}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import socket
 import struct
 import threading
 import time
@@ -107,6 +108,17 @@ def server(mirror, tmp_path_factory):
                 self.wfile.write(b"\x1f")
                 self.wfile.flush()
                 time.sleep(3)
+            elif self.path.startswith("/drip/"):  # headers, then a byte every 0.3 s for up to 20 s
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                for _ in range(66):
+                    try:
+                        self.wfile.write(b"\x1f")
+                        self.wfile.flush()
+                    except OSError:  # the client gave up: what we want
+                        return
+                    time.sleep(0.3)
             elif self.path.startswith("/short/"):
                 self.send_response(200)
                 self.send_header("Content-Length", "1000")
@@ -167,7 +179,7 @@ def test_stalled_and_short_servers_are_abandoned_within_the_timeout(server, tmp_
         data.fetch_verified(TEST_LABELS, (f"{url}/stall/", f"{url}/short/"),
                             data.DownloadConfig(timeout_s=0.5, retries=0))
     assert time.monotonic() - t0 < 2.5
-    assert f"{url}/stall/: " in str(e.value) and "timed out" in str(e.value)
+    assert f"{url}/stall/: too slow: not complete within 0.5 s" in str(e.value)
     assert f"{url}/short/: " in str(e.value)
 
 
@@ -178,3 +190,66 @@ def test_a_good_file_is_never_replaced_by_a_bad_download(server, tmp_path):
     data.download(tmp_path, (f"{url}/corrupt/", f"{url}/good/"), FAST)
     assert data.file_ok(tmp_path / TEST_LABELS, TEST_LABELS)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts connections and never answers: a mirror that hangs."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def test_a_dripping_server_is_abandoned_at_the_deadline(server):
+    """A byte every 0.3 s never trips a per-read socket timeout of 1 s: only a deadline for the
+    whole file stops it (before: the download waited until the server hung up, 20 s here)."""
+    url, _ = server
+    t0 = time.monotonic()
+    with pytest.raises(data.DownloadError, match="too slow: not complete within 1 s"):
+        data.fetch_verified(TEST_LABELS, (f"{url}/drip/",), data.DownloadConfig(timeout_s=1.0, retries=0))
+    assert time.monotonic() - t0 < 2.0  # 1 s deadline + at most one 0.3 s gap + slack
+
+
+def test_a_dead_mirror_is_skipped_for_the_rest_of_the_run_and_said_so(silent_server, mirror, tmp_path):
+    """A mirror that never answers costs its tries once, not once per file, and the user is
+    told whom we wait on and what was skipped (before: 4 files x 2 tries x 1 s, in silence)."""
+    cfg = data.DownloadConfig(timeout_s=1.0, retries=1, backoff_s=0.1)
+    lines: list[str] = []
+    t0 = time.monotonic()
+    sources = data.download(tmp_path, (silent_server, str(mirror)), cfg, log=lines.append)
+    elapsed = time.monotonic() - t0
+    assert set(sources.values()) == {str(mirror)}
+    # (retries + 1) x timeout_s, plus the backoff and the local copies (about 1 s here)
+    assert elapsed < (cfg.retries + 1) * cfg.timeout_s + 2.0, elapsed
+    first = sorted(data.FILES, key=list(data.FILES).index)[0]
+    assert f"{first}.gz: waiting on {silent_server} (try 1 of 2, at most 1 s)" in lines
+    assert sum(f"waiting on {silent_server}" in line for line in lines) == cfg.retries + 1
+    assert any(line.startswith(f"skipping {silent_server} for the rest of this run: ") for line in lines)
+
+
+def test_every_mirror_dead_names_the_skipped_ones(silent_server):
+    cfg = data.DownloadConfig(timeout_s=0.5, retries=0)
+    unreachable: dict[str, str] = {}
+    first, second = list(data.FILES)[:2]
+    with pytest.raises(data.DownloadError, match="timed out"):
+        data.fetch_verified(first, (silent_server,), cfg, unreachable=unreachable)
+    t0 = time.monotonic()
+    with pytest.raises(data.DownloadError, match="skipped, unreachable earlier in this run .*timed out"):
+        data.fetch_verified(second, (silent_server,), cfg, unreachable=unreachable)
+    assert time.monotonic() - t0 < 0.2  # not waited on again
