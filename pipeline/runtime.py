@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -26,8 +27,13 @@ class ModelFileError(ValueError):
     """An ONNX file that is missing, truncated, invalid or not self-contained."""
 
 
-def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse and fully check an ONNX file that must hold all of its weights itself."""
+def load_self_contained(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file and refuse it if any tensor keeps its data in another file.
+
+    Every tensor is looked at: initializers, sparse initializers, node attributes
+    (a Constant's value, ...) and the same inside sub-graphs (If, Loop, Scan bodies).
+    onnx.checker is not run here; ``load_checked`` runs it.
+    """
     path = Path(path)
     try:
         model = onnx.load(path, load_external_data=False)
@@ -35,17 +41,50 @@ def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelFileError(f"{path} is missing: run the export stage first (dvc repro export)") from None
     except Exception as e:  # protobuf's DecodeError and friends: a truncated or foreign file
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            where = {e.key: e.value for e in init.external_data}.get("location", "?")
+    for where, tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "?")
             raise ModelFileError(
-                f"{path}: tensor {init.name!r} keeps its data in an external file {where!r}; "
+                f"{path}: {where} keeps its data in an external file {location!r}; "
                 "this pipeline only loads self-contained models"
             )
+    return model
+
+
+def _tensors(graph: onnx.GraphProto, scope: str = "") -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(where, tensor) for every tensor stored in ``graph`` and its sub-graphs."""
+    for t in graph.initializer:
+        yield f"{scope}initializer {t.name!r}", t
+    for s in graph.sparse_initializer:
+        yield f"{scope}sparse initializer {s.values.name!r}", s.values
+        yield f"{scope}sparse initializer {s.values.name!r} (indices)", s.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"{scope}attribute {attr.name!r} of node {node.name or node.op_type!r}"
+            if attr.HasField("t"):
+                yield where, attr.t
+            if attr.HasField("sparse_tensor"):
+                yield where, attr.sparse_tensor.values
+                yield where, attr.sparse_tensor.indices
+            for t in attr.tensors:
+                yield where, t
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                yield from _tensors(sub, f"{scope}sub-graph of node {node.name or node.op_type!r}: ")
+
+
+def check(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """onnx.checker in full (with shape inference), as a ModelFileError naming ``path``."""
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ModelFileError(f"{path} fails onnx.checker: {e}") from None
+
+
+def load_checked(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse and fully check an ONNX file that must hold all of its weights itself."""
+    model = load_self_contained(path)
+    check(model, path)
     return model
 
 

@@ -6,10 +6,12 @@ For every layer (conv1, pool1, ..., flatten, fc1, logits) we compare
   3. the shape onnxruntime really produces for a real batch, read from a copy of the graph
      whose intermediate tensors are exposed as outputs,
 and the parameter count predicted against the sizes of the node's initializers. The batch
-axis must be symbolic everywhere in the graph.
+axis must be symbolic everywhere in the graph, the file must pass ``onnx.checker``, and
+onnxruntime must run the whole model. Every problem names our layer, not only the ONNX node.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -97,7 +99,8 @@ def exposing_copy(proto: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto
 def run_intermediates(proto: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     """The values of ``tensors`` for input ``x``. If the whole graph can't run (a broken
     model), each tensor is computed by the part of the graph that leads to it, so the
-    layers before the break are still measured; a tensor that can't be computed is left out."""
+    layers before the break are still measured; a tensor that can't be computed is left out.
+    That the whole model runs is checked on its own (``whole_model_error``)."""
     try:
         return _run(exposing_copy(proto, tensors), x)
     except Exception:  # noqa: BLE001 - onnxruntime's errors share no useful base class
@@ -113,6 +116,25 @@ def run_intermediates(proto: onnx.ModelProto, tensors: list[str], x: np.ndarray)
     return values
 
 
+def whole_model_error(proto: onnx.ModelProto, x: np.ndarray) -> str:
+    """Empty if onnxruntime runs the model as it is, outputs and all; else why not."""
+    try:
+        _run(proto, x)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no useful base class
+        return f"{type(e).__name__}: {str(e).strip()}"
+    return ""
+
+
+def name_layers(message: str, nodes: dict[str, onnx.NodeProto]) -> str:
+    """``message`` with each layer's ONNX node name (``node_conv2d_1``) followed by our layer."""
+    by_name = {node.name: layer for layer, node in nodes.items() if node.name}
+    if not by_name:
+        return message
+    pattern = "|".join(re.escape(n) for n in sorted(by_name, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])({pattern})(?![\w])",
+                  lambda m: f"{m.group(1)} (layer {by_name[m.group(1)]})", message)
+
+
 def _run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     session = runtime.open_session(model, "cpu")
     names = [o.name for o in session.session.get_outputs()]
@@ -120,13 +142,28 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def verify(proto: onnx.ModelProto, plan: list[shapes.Layer], x: np.ndarray) -> list[Row]:
-    """Compare predicted, inferred and runtime shapes and parameter counts for every layer."""
-    inferred = infer(proto)
-    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    """Compare predicted, inferred and runtime shapes and parameter counts for every layer;
+    problems of the model as a whole (checker, shape inference, running it) come last, as
+    rows named ``model``."""
     nodes = layer_nodes(proto, plan)
+    whole: list[str] = []
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        whole.append(f"fails onnx.checker: {str(e).strip()}")
+    try:
+        inferred = infer(proto)
+    except VerifyError as e:
+        whole.append(str(e))
+        inferred = None
+    error = whole_model_error(proto, x)
+    if error:
+        whole.append(f"onnxruntime cannot run the whole model: {error}")
+    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]} \
+        if inferred is not None else {}
     sizes = _initializer_sizes(proto)
     outs = [nodes[layer.name].output[0] for layer in plan if layer.name in nodes]
-    ran = run_intermediates(proto, outs, x)
+    ran = run_intermediates(proto, outs, x) if inferred is not None else {}
     rows = []
     for layer in plan:
         node = nodes.get(layer.name)
@@ -158,10 +195,13 @@ def verify(proto: onnx.ModelProto, plan: list[shapes.Layer], x: np.ndarray) -> l
             problems.append(f"{params:,} parameters in the graph != {layer.params:,} predicted")
         row.ok, row.problem = not problems, "; ".join(problems)
         rows.append(row)
-    graph_in = _dims(inferred.graph.input[0])
-    if not isinstance(graph_in[0], str):
-        rows.append(Row("input", "input", "", ["N", 1, 28, 28], graph_in, None, 0, 0, "", False,
-                        f"the graph input's batch axis is fixed to {graph_in[0]}, not symbolic"))
+    if inferred is not None:
+        graph_in = _dims(inferred.graph.input[0])
+        if not isinstance(graph_in[0], str):
+            rows.append(Row("input", "input", "", ["N", 1, 28, 28], graph_in, None, 0, 0, "", False,
+                            f"the graph input's batch axis is fixed to {graph_in[0]}, not symbolic"))
+    for problem in whole:
+        rows.append(Row("model", "graph", "", [], None, None, 0, 0, "", False, name_layers(problem, nodes)))
     return rows
 
 
@@ -169,11 +209,12 @@ def _fmt(shape: list | None) -> str:
     return "-" if shape is None else " x ".join(str(d) for d in shape)
 
 
-def check(rows: list[Row]) -> None:
+def check(rows: list[Row], name: str = "model.onnx") -> None:
     bad = [r for r in rows if not r.ok]
     if bad:
-        raise VerifyError("model.onnx does not match the convolution arithmetic:\n"
-                          + "\n".join(f"  {r.layer} ({r.node}): {r.problem}" for r in bad))
+        raise VerifyError(f"{name} does not match the convolution arithmetic:\n"
+                          + "\n".join(f"  {r.layer}{f' ({r.node})' if r.node else ''}: {r.problem}"
+                                       for r in bad))
 
 
 def markdown(rows: list[Row]) -> str:

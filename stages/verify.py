@@ -18,25 +18,26 @@ BATCH = 5  # real test digits run through the graph; also the rows of the featur
 def main(args: argparse.Namespace) -> None:
     model_cfg = _cli.section(ModelConfig, "model")
     plan = model_cfg.layers()
-    proto = runtime.load_checked(args.model)
+    proto = runtime.load_self_contained(args.model)  # onnx.checker runs inside verify, as one of its rows
     images, _ = data.load_split(args.data, "test")
     x = evaluate.images_to_input(images[:BATCH])
 
     rows = verify.verify(proto, plan, x)
     result = verify.report(rows)
     atomic.write_json(args.metrics, result)
-    atomic.write_text(args.report, "# Layer shapes of model.onnx\n\nPredicted by `(W - F + 2P)/S + 1` "
+    atomic.write_text(args.report, f"# Layer shapes of {args.model.name}\n\nPredicted by `(W - F + 2P)/S + 1` "
                       "from params.yaml, inferred by `onnx.shape_inference`, and produced by onnxruntime "
                       f"for a batch of {BATCH} real test digits (N is the symbolic batch axis).\n\n"
                       + verify.markdown(rows))
-    _pictures(proto, plan, x, images[:BATCH], args)
-
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in result.items() if k != "layers"})
-    for path in (args.report, args.metrics, args.filters, args.feature_maps):
+    for path in (args.report, args.metrics):
         tracker.log_artifact(path, "verify")
     print(verify.markdown(rows))
-    verify.check(rows)  # after the report is written: a failure leaves the diff to read
+    verify.check(rows, str(args.model))  # after the report is written: a failure leaves the diff to read
+    _pictures(proto, plan, x, images[:BATCH], args)
+    for path in (args.filters, args.feature_maps):
+        tracker.log_artifact(path, "verify")
     print(f"verify: all {len(rows)} layers match the arithmetic; {result['params_onnx']:,} parameters")
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -76,3 +77,36 @@ def test_cuda_request_is_labelled_honestly(exported):
         pytest.skip("this machine really runs CUDA")
     assert s.label == "cpu" and s.providers == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider" in s.note and "running on CPUExecutionProvider" in s.note
+
+
+def _with_external_constant(proto: onnx.ModelProto, in_subgraph: bool) -> onnx.ModelProto:
+    """``proto`` plus a Constant whose tensor points at an external file (params.yaml)."""
+    from onnx import TensorProto, helper
+    tensor = helper.make_tensor("ext", TensorProto.FLOAT, [1], [0.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "params.yaml"
+    const = helper.make_node("Constant", [], ["c"], value=tensor, name="sneaky")
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    if in_subgraph:
+        out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])
+        body = helper.make_graph([const], "then", [], [out])
+        other = helper.make_graph([helper.make_node("Constant", [], ["c"], value_float=1.0)], "else", [], [out])
+        bad.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+        bad.graph.node.append(helper.make_node("If", ["cond"], ["c_out"], then_branch=body, else_branch=other))
+    else:
+        bad.graph.node.insert(0, const)
+    return bad
+
+
+@pytest.mark.parametrize("in_subgraph", [False, True])
+def test_external_data_outside_initializers_is_refused_before_onnxruntime(exported, tmp_path, in_subgraph):
+    _, path = exported
+    bad = _with_external_constant(onnx.load(path), in_subgraph)
+    onnx.save_model(bad, tmp_path / "bad.onnx")
+    for load in (runtime.load_checked, runtime.load_self_contained):
+        with pytest.raises(runtime.ModelFileError, match="attribute .value. of node .sneaky. keeps its data "
+                                                         "in an external file 'params.yaml'"):
+            load(tmp_path / "bad.onnx")

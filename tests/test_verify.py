@@ -155,3 +155,57 @@ def test_param_counts_match_pytorch():
         conv = torch.nn.Conv2d(d, k, f)
         assert shapes.conv_params(f, d, k) == sum(p.numel() for p in conv.parameters())
     assert shapes.dense_params(3136, 1024) == sum(p.numel() for p in torch.nn.Linear(3136, 1024).parameters())
+
+
+# ------------------------------------------------------------- broken models must not pass
+
+
+def test_a_model_that_onnxruntime_cannot_run_fails(default_model, x):
+    """A Gather after the logits with an index out of range: every layer before it is fine,
+    but the model as deployed can't run (before: 'all 7 layers match', verify_ok true)."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(default_model)
+    logits = bad.graph.output[0].name
+    bad.graph.initializer.append(onnx.numpy_helper.from_array(np.array([99], np.int64), "bad_index"))
+    bad.graph.node.append(helper.make_node("Gather", [logits, "bad_index"], ["picked"], axis=1, name="pick"))
+    del bad.graph.output[:]
+    bad.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    rows = verify.verify(bad, ModelConfig().layers(), x)
+    assert not verify.report(rows)["verify_ok"]
+    with pytest.raises(verify.VerifyError, match="model: onnxruntime cannot run the whole model: .*"):
+        verify.check(rows)
+
+
+def test_a_tampered_file_fails_the_stage_naming_the_layer_and_the_file_with_a_report(default_model, raw_dir,
+                                                                                         tmp_path):
+    """Pads of conv2 changed with the exporter's value_info kept (what a plain onnx edit
+    leaves): onnx.checker fails naming 'node_conv2d_1'. The stage must still write its
+    report, name conv2 and the file it was given, and exit non-zero."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    bad = onnx.ModelProto()
+    bad.CopyFrom(default_model)
+    assert len(bad.graph.value_info) > 0  # the exporter's shape annotations are there
+    conv2 = [n for n in bad.graph.node if n.op_type == "Conv"][1]
+    for a in conv2.attribute:
+        if a.name == "pads":
+            a.ints[:] = [0, 0, 0, 0]
+    path = tmp_path / "tampered.onnx"
+    onnx.save_model(bad, path)
+    out = {k: tmp_path / f"out.{k}" for k in ("json", "md", "filters.png", "maps.png")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.verify", "--model", str(path), "--data", str(raw_dir),
+         "--run-id", str(tmp_path / "no-run-id"), "--metrics", str(out["json"]), "--report", str(out["md"]),
+         "--filters", str(out["filters.png"]), "--feature-maps", str(out["maps.png"])],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    error = proc.stderr.splitlines()[-1] if proc.stderr else ""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path} does not match the convolution arithmetic" in proc.stderr
+    assert f"(layer conv2)" in proc.stderr and "conv2 (" in proc.stderr, error
+    report = __import__("json").loads(out["json"].read_text())
+    assert report["verify_ok"] is False and report["verify_mismatches"] >= 1
+    assert "# Layer shapes of tampered.onnx" in out["md"].read_text()
+    assert "NO: " in out["md"].read_text()
