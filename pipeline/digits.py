@@ -8,6 +8,7 @@ background, often dark on light; we undo each difference in that order.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +20,16 @@ SIDE, BOX = 28, 20  # MNIST frame and the box the digit is scaled into
 
 class ImageError(ValueError):
     """Bytes that are not a decodable image, or an image with no digit in it."""
+
+
+def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of an image file, refused past ``max_bytes`` without reading the rest
+    (a path such as /dev/zero never ends)."""
+    with open(path, "rb") as f:
+        blob = f.read(max_bytes + 1)
+    if len(blob) > max_bytes:
+        raise ImageError(f"larger than the limit of {max_bytes:,} bytes (serve.max_body_bytes)")
+    return blob
 
 
 def decode(blob: bytes) -> np.ndarray:

@@ -47,6 +47,11 @@ def _known_errors() -> tuple[type, ...]:
                  if m in sys.modules for name in names)
 
 
+def describe(e: BaseException) -> str:
+    """An error's message, or its kind when it has none (a bare MemoryError): never empty."""
+    return str(e).strip() or type(e).__name__
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Run a stage; known failures print one clear line (no traceback) and exit 1."""
     args = parser.parse_args()
@@ -58,5 +63,5 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         if not isinstance(e, _known_errors()):
             traceback.print_exc()
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {describe(e)}", file=sys.stderr)
         sys.exit(1)

@@ -16,17 +16,22 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import digits, evaluate, runtime
+from pipeline.serve import ServeConfig
 from stages import _cli
 
 
 def main(args: argparse.Namespace) -> None:
     session = runtime.open_session(runtime.load_checked(args.model), "cpu")
+    # the service's own limits: its body size (params.yaml when run from the repository), and
+    # digits' pixel limit, checked from the image header before decoding
+    limit = _cli.section(ServeConfig, "serve").max_body_bytes if _cli.PARAMS_FILE.is_file() \
+        else ServeConfig.max_body_bytes
     failed = 0
     for path in args.images:
         try:
-            x = digits.image_to_input(path.read_bytes())
+            x = digits.image_to_input(digits.read_file(path, limit))
         except (OSError, digits.ImageError) as e:
-            print(f"{path}: error: {e}", file=sys.stderr)
+            print(f"{path}: error: {_cli.describe(e)}", file=sys.stderr)
             failed += 1
             continue
         p = evaluate.softmax(session.run(x))[0]
