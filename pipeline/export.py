@@ -60,6 +60,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, cfg: ExportConfig) ->
         dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False,
     )
     proto = program.model_proto
+    drop_stack_traces(proto)
     proto.doc_string = "MNIST CNN (TensorFlow tutorial). Input: float32 [N,1,28,28] in [0,1], white on black."
     onnx.checker.check_model(proto, full_check=True)
     dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
@@ -69,6 +70,22 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, cfg: ExportConfig) ->
     onnx.save_model(proto, buf)  # one file, every initializer embedded (3.3 M params, ~13 MB)
     atomic.write_bytes(path, buf.getvalue())
     return proto
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # per node: the Python frames that made it, with absolute paths
+
+
+def drop_stack_traces(proto: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces. They hold the absolute paths of the
+    checkout and the virtualenv, so the same weights exported from two folders gave two
+    different files (and dvc.lock hashes), and leaked local paths into every deployed copy.
+    The other node metadata (module names, scopes) says where a node came from, path-free."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for g in graphs:
+        for node in g.node:
+            keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def parity(model: nn.Module, session: runtime.Session, images: np.ndarray, atol: float) -> dict[str, float]:

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -110,3 +115,32 @@ def test_external_data_outside_initializers_is_refused_before_onnxruntime(export
         with pytest.raises(runtime.ModelFileError, match="attribute .value. of node .sneaky. keeps its data "
                                                          "in an external file 'params.yaml'"):
             load(tmp_path / "bad.onnx")
+
+
+EXPORT_SCRIPT = """
+import sys, torch
+from pipeline import export
+from pipeline.model import ModelConfig, Net
+model = Net(ModelConfig())
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+export.export_onnx(model, sys.argv[2], export.ExportConfig())
+"""
+
+
+def test_the_same_weights_give_the_same_bytes_wherever_the_checkout_is(exported, tmp_path):
+    """The exporter kept each node's stack trace, with the checkout's and the virtualenv's
+    absolute paths: two clones exported different files from one model.pt."""
+    from tests.conftest import REPO, copy_repo
+    model, _ = exported
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    clone = copy_repo(tmp_path / "elsewhere" / "clone")
+    outs = []
+    for where in (REPO, clone):
+        out = tmp_path / f"{where.name}.onnx"
+        subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(tmp_path / "model.pt"), str(out)],
+                       cwd=where, check=True, capture_output=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(where)})
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    for path in (REPO, clone, Path(sys.prefix)):
+        assert str(path).encode() not in outs[0], path
