@@ -175,8 +175,9 @@ def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
     return {
         "loss": totals["loss_sum"].item() / len(x),
         "train_acc": totals["correct"].item() / len(x),  # running accuracy, measured with dropout on
-        "images_per_s": len(x) * (1 - start_step / steps_per_epoch(len(x), cfg.batch_size)) / seconds
-        if seconds else 0.0,
+        # every image of the epoch over the time of every step, those before a resume included
+        # (``totals`` carries both): the same span on both sides of the division
+        "images_per_s": len(x) / seconds if seconds else 0.0,
         "seconds": seconds,
     }
 

@@ -9,7 +9,7 @@ import argparse
 from stages import _cli
 from stages._tracking import EXPERIMENT, tracking_uri
 
-METRICS = [("eval_accuracy", "test acc", "{:.4f}"), ("images_per_s", "train img/s", "{:.0f}"),
+METRICS = [("eval_accuracy", "test acc", "{:.4f}"), ("mean_images_per_s", "train img/s", "{:.0f}"),
            ("train_seconds", "train s", "{:.0f}"),
            ("bench_onnxruntime-cpu_fp32_b1_p50_ms", "ort b1 p50 ms", "{:.3f}"),
            ("ort_cpu_fp32_best_images_per_s", "ort best img/s", "{:.0f}")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -40,15 +41,23 @@ def main(args: argparse.Namespace) -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x))
     resumed = checkpoint.load(args.checkpoint, fingerprint)
-    if resumed and resumed["meta"].get("run_id"):
-        tracker = Tracker(resumed["meta"]["run_id"])  # an MLflow run id, or a pending one
+    # The run a killed training opened: from its checkpoint, or, killed before the first
+    # checkpoint, from the note written when the run was opened. Either way, one run.
+    run_note = args.checkpoint.with_name(args.checkpoint.name + ".run")
+    key = (resumed or {}).get("meta", {}).get("run_id") or _opened_run(run_note, fingerprint)
+    if resumed:
         print(f"resuming from {args.checkpoint}: epoch {resumed['epoch'] + 1}, step {resumed['step']}")
+    if key:
+        tracker = Tracker(key)  # an MLflow run id, or a pending one
+        print(f"continuing MLflow run {key}, opened by a training that was killed")
     else:
+        outputs = (args.model, args.metrics, args.plots, args.run_id)  # DVC deletes them before we run
         tracker = Tracker.start(
             os.environ.get("DVC_EXP_NAME"), params.flatten({k: all_params.get(k) for k in ("model", "train")}),
-            {**git_tags(), "device": device_name, "torch": torch.__version__,
+            {**git_tags(exclude=outputs), "device": device_name, "torch": torch.__version__,
              "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"},
         )
+        atomic.write_json(run_note, {"fingerprint": fingerprint, "run": tracker.key})
     print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
           f"{cfg.epochs} epochs, MLflow run {tracker.key}")
 
@@ -91,9 +100,26 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_text(args.plots, _csv(history))
     atomic.write_text(args.run_id, tracker.key + "\n")
     args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
-    tracker.log_metrics({k: v for k, v in summary.items() if k not in ("test_acc", "test_loss")})
+    run_note.unlink(missing_ok=True)
+    tracker.log_metrics(_summary_metrics(summary))
     print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+
+
+def _opened_run(note: Path, fingerprint: str) -> str | None:
+    try:
+        opened = json.loads(note.read_text())
+    except (OSError, ValueError):
+        return None
+    return opened.get("run") if isinstance(opened, dict) and opened.get("fingerprint") == fingerprint else None
+
+
+def _summary_metrics(summary: dict) -> dict:
+    """The run's summary for MLflow. Its speed gets a key of its own: under the per-epoch key
+    ``images_per_s`` (steps 1..N) the dashboard showed the last epoch's rate, not this mean.
+    The final test accuracy and loss are already the last epoch's points."""
+    out = {k: v for k, v in summary.items() if k not in ("test_acc", "test_loss", "images_per_s")}
+    return {**out, "mean_images_per_s": summary["images_per_s"]}
 
 
 def _csv(rows: list[dict]) -> str:

@@ -74,7 +74,7 @@ def train(workdir: Path, uri: str, epochs: int, wait: bool = True):
     params["train"]["epochs"] = epochs
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "stages.train", "--data", "raw", "--model", "model.pt", "--metrics",
            "train.json", "--plots", "train.csv", "--run-id", "run_id", "--checkpoint", "train.ckpt"]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,13 +99,13 @@ def assert_run_holds_everything_logged(uri: str, run_id: str, workdir: Path, epo
     assert len(rows) == epochs
     for key in EPOCH_METRICS:  # one point per epoch, steps 1..epochs, the values the stage wrote
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        summary_point = [0] if key == "images_per_s" else []  # the run's mean, logged at the end as step 0
-        assert [m.step for m in history] == summary_point + list(range(1, epochs + 1)), key
-        per_epoch = history[len(summary_point):]
+        # nothing else under these keys: the run's mean speed once sat at step 0 of images_per_s
+        assert [m.step for m in history] == list(range(1, epochs + 1)), key
         # the CSV holds values rounded to 6 decimals, MLflow the exact ones: equal within that rounding
-        assert [m.value for m in per_epoch] == pytest.approx([float(r[key]) for r in rows], rel=0, abs=1e-6), key
+        assert [m.value for m in history] == pytest.approx([float(r[key]) for r in rows], rel=0, abs=1e-6), key
     summary = json.loads((workdir / "train.json").read_text())
     assert run.data.metrics["peak_rss_mb"] == pytest.approx(summary["peak_rss_mb"])
+    assert run.data.metrics["mean_images_per_s"] == pytest.approx(summary["images_per_s"])
     assert run.data.params["train.epochs"] == str(epochs) and run.data.params["model.channels"] == "[4, 8]"
     assert {"git_commit", "torch", "onnxruntime", "device"} <= set(run.data.tags)
 
@@ -167,3 +167,51 @@ def test_server_killed_mid_run(workdir):
         assert result.returncode == 0, result.stdout + result.stderr
         assert_run_holds_everything_logged(uri, run_id, workdir, epochs=epochs)
     shutil.rmtree(workdir / "spool", ignore_errors=True)
+
+
+def test_a_kill_before_the_first_checkpoint_continues_the_same_run(workdir):
+    """Killed before any checkpoint, the restart used to open a second run and leave the
+    first RUNNING forever: one training showed as two runs in the dashboard."""
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    proc = train(workdir, uri, epochs=3, wait=False)
+    first = ""
+    for line in proc.stdout:  # killed as soon as the run is open, long before epoch 1 ends
+        if line.startswith("training ") and "MLflow run " in line:
+            first = line.split("MLflow run ")[1].strip()
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert first and proc.returncode == -signal.SIGKILL
+    assert not (workdir / "train.ckpt").exists()  # really before the first checkpoint
+
+    code, out, err = train(workdir, uri, epochs=3)
+    assert code == 0, err
+    assert f"continuing MLflow run {first}" in out
+    assert (workdir / "run_id").read_text().strip() == first
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [first]
+    assert not (workdir / "train.ckpt.run").exists()  # the note goes with the checkpoint
+    assert_run_holds_everything_logged(uri, first, workdir, epochs=3)
+
+
+def test_git_dirty_ignores_the_stages_own_outputs(tmp_path, monkeypatch):
+    """DVC deletes a stage's git-tracked outputs before running it, so every run was tagged
+    dirty on a clean tree."""
+    from stages._tracking import git_tags
+
+    for args in (["init", "-q"], ["config", "user.email", "t@localhost"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics" / "train.json").unlink()  # what DVC does before the stage runs
+    assert git_tags(exclude=(Path("metrics/train.json"),))["git_dirty"] == "False"
+    assert git_tags()["git_dirty"] == "True"
+    (tmp_path / "code.py").write_text("x = 2\n")  # a real change still counts
+    assert git_tags(exclude=(Path("metrics/train.json"),))["git_dirty"] == "True"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import train
+from pipeline import data, train
 from pipeline.model import ModelConfig, Net
 
 SMALL = ModelConfig(channels=(8, 16), fc_units=64)
@@ -83,7 +83,7 @@ def test_trains_on_cuda(small_train):
 
 FAULTS = """
 import resource, sys, torch, torch.nn.functional as F
-from pipeline import train
+from pipeline import data, train
 if sys.argv[1] == "keep":
     assert train.keep_freed_memory()
 torch.set_num_threads(1)
@@ -105,3 +105,18 @@ def test_freed_activations_are_not_page_faulted_in_again():
     pages = 256 * 32 * 28 * 28 * 4 / 4096  # 6,272 pages per output
     assert faults("default") > 0.5 * pages  # glibc hands the block back and faults it in again
     assert faults("keep") < 0.02 * pages
+
+
+def test_speed_after_a_resume_counts_the_same_span_as_its_time(raw_dir):
+    """A resumed epoch counted only the images after the resume but divided by seconds that
+    included the time before the kill (271 vs 287 images/s uninterrupted)."""
+    x_np, y_np = data.load_split(raw_dir, "train")
+    cfg = train.TrainConfig(epochs=1, batch_size=64, seed=0)
+    x, y = train.to_tensors(x_np[:640], y_np[:640], torch.device("cpu"))
+    model = Net(ModelConfig(channels=(4, 8), fc_units=16))
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
+    totals = train.new_totals(torch.device("cpu"))
+    totals["seconds"] = 2.0  # the first 5 steps took 2 s before the kill
+    row = train.train_epoch(model, opt, sched, x, y, cfg, 0, start_step=5, totals=totals)
+    assert row["seconds"] > 2.0
+    assert row["images_per_s"] == pytest.approx(len(x) / row["seconds"])  # all 640 images, all the seconds
