@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnx import TensorProto, helper
 
@@ -184,17 +185,39 @@ def torch_profile(step, model: Net, runs: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ onnxruntime profile
 
 
-def ort_profile(model_path: Path, cfg: ModelConfig, x: np.ndarray, runs: int) -> dict[str, float]:
+_ORT_CONVS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv", "NhwcFusedConv"}
+_ORT_DENSE = {"Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul",
+              "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def ort_layer_names(optimized: onnx.ModelProto, cfg: ModelConfig) -> dict[str, str]:
+    """{node name: layer} for the graph onnxruntime really runs. Its optimisers rename and
+    replace nodes, differently on each CPU (NCHWc convolutions, fused activations, quantised
+    kernels), but keep the order of the work: the k-th convolution node is conv k and the
+    k-th dense node the k-th dense layer, whatever they are called."""
+    layers = {"conv": [x.name for x in cfg.layers() if x.op == "Conv"],
+              "dense": [x.name for x in cfg.layers() if x.op == "Gemm"]}
+    names: dict[str, str] = {}
+    for node in optimized.graph.node:  # saved in topological order
+        kind = "conv" if node.op_type in _ORT_CONVS else "dense" if node.op_type in _ORT_DENSE else None
+        if kind and layers[kind]:
+            names[node.name] = layers[kind].pop(0)
+    return names
+
+
+def ort_profile(model_path: Path, cfg: ModelConfig, x: np.ndarray, runs: int,
+                graph_opt: str = "all") -> dict[str, float]:
     """Milliseconds per call of each node kind, from onnxruntime's own profiler (the first
-    call of every node is warm-up and left out). Convolutions and Gemms, FP32 or quantised,
-    are named by their layer, found by the layer's output size per image."""
+    call of every node is warm-up and left out). Convolutions and dense layers, FP32 or
+    quantised, are named by their layer (``ort_layer_names``); other nodes by their op."""
     import onnxruntime as ort
-    by_size = {int(np.prod(layer.shape)): layer.name for layer in cfg.layers() if layer.op in ("Conv", "Gemm")}
-    so = runtime.session_options()
+    so = runtime.session_options(graph_opt=graph_opt)
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = str(Path(tmp) / "ort")
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")  # the graph as it runs here
         s = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        layer_of = ort_layer_names(onnx.load(so.optimized_model_filepath), cfg)
         feed = {s.get_inputs()[0].name: x}
         for _ in range(runs + 1):
             s.run(None, feed)
@@ -208,11 +231,8 @@ def ort_profile(model_path: Path, cfg: ModelConfig, x: np.ndarray, runs: int) ->
         if seen[e["name"]] == 1:
             continue
         op = e["args"]["op_name"]
-        out_shape = next(iter(e["args"]["output_type_shape"][0].values()))
-        layer = by_size.get(int(np.prod(out_shape[1:])))
-        if layer and op in ("Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul"):
-            op = f"{layer} ({op})"
-        rows[op] += e["dur"] / 1e3 / runs
+        layer = layer_of.get(e["name"].removesuffix("_kernel_time"))
+        rows[f"{layer} ({op})" if layer else op] += e["dur"] / 1e3 / runs
     return dict(rows)
 
 
@@ -229,10 +249,6 @@ def table(rows: dict[str, float], flops: dict[str, float], batch: int, title: st
         out.append(f"| {name} | {ms:.2f} | {ms / total:.0%} | {rate} |")
     out.append(f"| **total** | **{total:.2f}** | | |")
     return out
-
-
-def flops_of(rows: dict[str, float], flops: dict[str, float]) -> float:
-    return sum(v for k, v in flops.items() if any(r.startswith(k) for r in rows))
 
 
 def machine() -> str:
