@@ -1,7 +1,8 @@
 """Trains a small network with checkpoints; tests kill it with SIGKILL and run it again.
 
     python tests/kill_driver.py RAW_DIR CHECKPOINT OUT.pt
-Prints 'ready' once the data is loaded; writes the final state_dict to OUT.pt.
+Prints 'ready' once the data is loaded, then 'step EPOCH IMAGES' every 20 training steps
+(the test kills it on seeing one); writes the final state_dict to OUT.pt.
 """
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ x, y = train.to_tensors(x_np[:CFG.subset], y_np[:CFG.subset], torch.device("cpu"
 model = train.prepare(Net(MODEL), torch.device("cpu"))
 print("ready", flush=True)
 train.fit(model, CFG, x, y, lambda: {}, ckpt if ckpt.name != "none" else None,
-          checkpoint.fingerprint(MODEL, CFG))
+          checkpoint.fingerprint(MODEL, CFG),
+          on_step_for=lambda epoch: lambda done, loss: print(f"step {epoch} {done}", flush=True))
 with atomic.atomic_path(out) as tmp:
     torch.save(model.state_dict(), tmp)
 if ckpt.name != "none":

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,36 @@ from pipeline import checkpoint
 DRIVER = Path(__file__).with_name("kill_driver.py")
 
 
-def run_driver(raw_dir, ckpt, out, kill_after: float | None = None) -> tuple[int, float]:
-    """Exit code, and seconds from 'ready' (data loaded) to exit."""
+def run_driver(raw_dir, ckpt, out, kill_at_report: int | None = None) -> int:
+    """Exit code of the driver; with ``kill_at_report`` it gets SIGKILL as soon as it has
+    reported that many more training steps (every 20 steps), wherever it then is: mid-step,
+    mid-checkpoint-write. Kill points are steps the test sees, never times, so a busy
+    machine can't make a run finish before its kill."""
     proc = subprocess.Popen([sys.executable, str(DRIVER), str(raw_dir), str(ckpt), str(out)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    t0 = time.monotonic()
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=300), time.monotonic() - t0
+    if kill_at_report is not None:
+        reports = 0
+        for line in proc.stdout:
+            reports += line.startswith("step ")
+            if reports == kill_at_report:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.stdout.read()
+    return proc.wait(timeout=300)
 
 
 def test_sigkill_at_random_points_then_resume_gives_identical_weights(raw_dir, tmp_path):
-    code, duration = run_driver(raw_dir, tmp_path / "none", tmp_path / "straight.pt")
-    assert code == 0  # kill points are drawn from inside the training time of a whole run
+    assert run_driver(raw_dir, tmp_path / "none", tmp_path / "straight.pt") == 0
     ckpt = tmp_path / "ckpt" / "train.ckpt"
     rng = random.Random(1234)
-    for _ in range(3):  # three kills within the first part of the run: each lands mid-training
-        code, _ = run_driver(raw_dir, ckpt, tmp_path / "resumed.pt", kill_after=rng.uniform(0.0, duration / 3))
+    # 128 steps, a report every 20 (and at each epoch's end), a checkpoint every 3: three kills
+    # of at most 2 reports each stop by step 104, so each lands mid-training, after a checkpoint
+    for _ in range(3):
+        code = run_driver(raw_dir, ckpt, tmp_path / "resumed.pt", kill_at_report=rng.randint(1, 2))
         assert code == -signal.SIGKILL and not (tmp_path / "resumed.pt").exists()
-    assert run_driver(raw_dir, ckpt, tmp_path / "resumed.pt")[0] == 0
+        assert ckpt.exists()  # the next run resumes rather than starting over
+    assert run_driver(raw_dir, ckpt, tmp_path / "resumed.pt") == 0
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for name in a:
