@@ -41,14 +41,35 @@ def test_same_digit_in_any_polarity_size_background_or_format_gives_nearly_the_s
         assert np.abs(frame - reference).mean() < 0.06, name
 
 
+def test_reframed_digits_sit_where_mnist_puts_them(test_split):
+    """MNIST centres each digit's mass at pixel (14, 14); to_mnist aimed at (13.5, 13.5),
+    shifting half the digits a pixel up-left of what the network learned (1.4 points of
+    accuracy lost). Pure arithmetic on the data: the same on every CPU."""
+    images = test_split[0][:1000] / 255.0
+    ys, xs = np.indices((28, 28))
+
+    def centre(frames):
+        mass = frames.sum((1, 2))
+        return np.stack([(ys * frames).sum((1, 2)) / mass, (xs * frames).sum((1, 2)) / mass], 1)
+    mnist = centre(images).mean(0)
+    reframed = centre(np.stack([digits.to_mnist(im) for im in images])).mean(0)
+    assert np.abs(mnist - 14.0).max() < 0.05, mnist  # what MNIST is
+    # whole-pixel shifts leave each digit within 0.5 px; on average they cancel to ~0.02 px
+    assert np.abs(reframed - mnist).max() < 0.1, (reframed, mnist)
+
+
 def test_real_digits_through_pictures_keep_the_models_accuracy(served_model, test_split):
-    images, labels = test_split[0][:500], test_split[1][:500]
+    """Dark on light, 4x upscaled PNGs of 2,000 test digits, through the whole picture path.
+    Measured: 94.50% vs 94.55% direct on this fixture (93.05% before the centring fix).
+    Allowed: 1 point (20 digits), 20x what resampling costs here, because the fixture's weights,
+    and so which digits sit near a decision boundary, differ from CPU to CPU."""
+    images, labels = test_split[0][:2000], test_split[1][:2000]
     session = runtime.open_session(runtime.load_checked(served_model))
     direct = (evaluate.predict_logits(session, images, 500).argmax(1) == labels).mean()
     pictures = np.concatenate([digits.image_to_input(png(np.asarray(Image.fromarray(255 - im).resize((112, 112)))))
                                for im in images])
     via_pictures = (session.run(pictures).argmax(1) == labels).mean()
-    assert via_pictures >= direct - 0.02, (via_pictures, direct)
+    assert via_pictures >= direct - 0.01, (via_pictures, direct)
 
 
 @pytest.mark.parametrize("blob, words", [
