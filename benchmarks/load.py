@@ -52,6 +52,7 @@ class SpawnedServer:
         self.log: list[str] = []
         deadline = time.monotonic() + timeout_s
         self.url = None
+        assert self.proc.stderr is not None  # stderr=PIPE
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
             if not line:
@@ -67,6 +68,7 @@ class SpawnedServer:
         self._reader.start()
 
     def _read_log(self) -> None:
+        assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
 
@@ -139,7 +141,7 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
     stop_at = time.perf_counter() + seconds
 
     def client(k: int) -> None:
-        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=timeout_s)
+        conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=timeout_s)
         i = k
         while time.perf_counter() < stop_at:
             body, headers, labels = bodies[i % len(bodies)]
@@ -251,8 +253,8 @@ def main() -> None:
             results["unbatched"] = phase("unbatched", args.model, args.name, bodies, args.clients, args.seconds,
                                          ["--no-batching"])
         if args.overload_concurrency:
-            results["overload"] = phase("overload", args.model, args.name, bodies, args.clients, min(args.seconds, 10.0),
-                                        ["--max-concurrency", str(args.overload_concurrency)])
+            results["overload"] = phase("overload", args.model, args.name, bodies, args.clients,
+                                        min(args.seconds, 10.0), ["--max-concurrency", str(args.overload_concurrency)])
     results["machine"] = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     print(table({k: v for k, v in results.items() if k != "machine"}))
     if "unbatched" in results:

@@ -31,8 +31,6 @@ from onnx import TensorProto, helper
 from pipeline import runtime, train
 from pipeline.model import ModelConfig, Net
 
-
-
 # ------------------------------------------------------------------------------ FLOPs
 
 
@@ -296,7 +294,8 @@ def profile_train(args: argparse.Namespace) -> list[str]:
         f"Machine: {machine()}.", "",
         f"Measured without the profiler: **{step_ms:.1f} ms per step = {args.batch / step_ms * 1e3:.0f} images/s**, "
         f"{total_flops / 1e6:.1f} MFLOP per image = {total_flops * args.batch / step_ms / 1e6:.0f} GFLOP/s. "
-        f"Best dense matrix multiply (n = 512, 1024, 2048) on the same threads: PyTorch {peaks['torch_fp32_gflops']:.0f} GFLOP/s.", "",
+        "Best dense matrix multiply (n = 512, 1024, 2048) on the same threads: "
+        f"PyTorch {peaks['torch_fp32_gflops']:.0f} GFLOP/s.", "",
         *table(rows, flops, args.batch, "part of the step"), "",
         f"The profiled parts sum to {sum(rows.values()):.0f} ms per step = "
         f"{args.batch / sum(rows.values()) * 1e3:.0f} images/s (the profiled and the bare runs are minutes apart "
@@ -325,7 +324,7 @@ def profile_inference(args: argparse.Namespace) -> list[str]:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     else:
         say(f"{weights} not found: PyTorch runs random weights (the speed does not depend on them)")
-    net = net.to(memory_format=torch.channels_last).eval()
+    net = net.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
     x = np.random.default_rng(0).random((args.batch, 1, 28, 28), dtype=np.float32)
     xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
 

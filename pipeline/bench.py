@@ -18,9 +18,10 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -139,7 +140,7 @@ def _bound_gpu_call(session: runtime.Session, xb: np.ndarray):
 def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.ndarray, cfg: BenchConfig) -> dict:
     """PyTorch eager on ``device``, same threads, inference mode, channels-last."""
     rss0 = rss_mb()
-    model = model.to(device=device, memory_format=torch.channels_last).eval()
+    model = model.to(device=device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
     xb = torch.from_numpy(np.resize(x, (batch, *x.shape[1:]))).to(device).contiguous(
         memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -225,11 +226,13 @@ def ratios(rows: list[dict], cfg: BenchConfig) -> dict[str, float]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10} {'RSS+ MB':>8}  ran on"
+    head = (f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10} "
+            f"{'RSS+ MB':>8}  ran on")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-                     f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  {r['providers_used']}")
+                     f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
+                     f"{r['providers_used']}")
     return "\n".join(lines)
 
 

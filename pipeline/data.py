@@ -8,6 +8,7 @@ error names each one and why. Files reach their final path only whole (pipeline.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import math
@@ -19,9 +20,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -250,7 +251,7 @@ def download(dest: Path, mirrors: tuple[str, ...], cfg: DownloadConfig,
         if file_ok(path, name):
             sources[name] = "already present"
             continue
-        payload, sources[name] = fetch_verified(name, mirrors, cfg, lambda n, name=name: progress(name, n),
+        payload, sources[name] = fetch_verified(name, mirrors, cfg, functools.partial(progress, name),
                                                 log, unreachable)
         atomic.write_bytes(path, payload)
     return sources

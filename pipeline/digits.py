@@ -44,7 +44,7 @@ def decode(blob: bytes) -> np.ndarray:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
-                grey = rgba[..., :3] @ np.float32([0.299, 0.587, 0.114])
+                grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
                 alpha = rgba[..., 3]
                 # Transparent pixels are background: put them on the opposite of the ink's colour.
                 inked = alpha > 0.5

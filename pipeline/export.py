@@ -59,6 +59,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, cfg: ExportConfig) ->
         opset_version=cfg.opset, dynamo=True, external_data=False,
         dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False,
     )
+    if program is None:  # only with dynamo=False
+        raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     drop_stack_traces(proto)
     proto.doc_string = "MNIST CNN (TensorFlow tutorial). Input: float32 [N,1,28,28] in [0,1], white on black."

@@ -80,7 +80,7 @@ class Net(nn.Module):
         self.spectral_convs = spectral_convs
         plan = {layer.name: layer for layer in cfg.layers()}
         blocks = []
-        in_c, in_hw = 1, (INPUT_HW, INPUT_HW)
+        in_c, in_hw = 1, (INPUT_HW, INPUT_HW)  # (H, W) of the next layer's input
         for i, out_c in enumerate(cfg.channels, start=1):
             top, left, bottom, right = plan[f"conv{i}"].pads
             symmetric = top == bottom and left == right
@@ -97,7 +97,8 @@ class Net(nn.Module):
                 *((nn.ReLU(), nn.MaxPool2d(cfg.pool, cfg.pool_stride)) if relu_before_pool
                   else (nn.MaxPool2d(cfg.pool, cfg.pool_stride), nn.ReLU())),
             ]
-            in_c, in_hw = out_c, plan[f"pool{i}"].shape[1:]
+            _, pooled_h, pooled_w = plan[f"pool{i}"].shape
+            in_c, in_hw = out_c, (pooled_h, pooled_w)
         self.features = nn.Sequential(*blocks)
         flat = plan["flatten"].shape[0]
         self.fc1 = nn.Linear(flat, cfg.fc_units)

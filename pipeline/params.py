@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ def parse(cls: type[T], section: Any, where: str) -> T:
         section = {}
     if not isinstance(section, dict):
         raise ParamError(f"{where} must be a mapping of keys to values, got {section!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     unknown = sorted(set(section) - set(fields))
     if unknown:
         raise ParamError(

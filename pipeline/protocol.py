@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,8 +177,9 @@ def _flatten(values: list) -> list:
 
 def infer_response(spec: ModelSpec, logits: np.ndarray, request: InferRequest) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when the binary extension is used."""
-    output = {"name": spec.output.name, "datatype": spec.output.datatype, "shape": list(logits.shape)}
-    response = {"model_name": spec.name, "model_version": spec.version, "outputs": [output]}
+    output: dict[str, Any] = {"name": spec.output.name, "datatype": spec.output.datatype,
+                              "shape": list(logits.shape)}
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": spec.version, "outputs": [output]}
     if request.id is not None:
         response["id"] = request.id
     if not request.binary_output:

@@ -8,9 +8,9 @@ Providers are asked for explicitly, and what a result is labelled with comes fro
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -39,7 +39,7 @@ def load_self_contained(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(path, load_external_data=False)
     except FileNotFoundError:
         raise ModelFileError(f"{path} is missing: run the export stage first (dvc repro export)") from None
-    except Exception as e:  # protobuf's DecodeError and friends: a truncated or foreign file
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a truncated or foreign file
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
     for where, tensor in _tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -33,11 +33,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import onnx
 
 from pipeline import digits, evaluate, protocol, runtime
 from pipeline.params import require
@@ -87,7 +88,10 @@ class _Job:
     __slots__ = ("x", "result", "error", "done")
 
     def __init__(self, x: np.ndarray):
-        self.x, self.result, self.error, self.done = x, None, None, threading.Event()
+        self.x = x
+        self.result: np.ndarray | None = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
 
 
 class Batcher:
@@ -96,7 +100,7 @@ class Batcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, delay_s: float = 0.0):
         self._run, self._max, self._delay = run, max_batch, delay_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # _Job or _STOP
-        self._carry = None  # a job that did not fit the last batch, or _STOP seen while collecting
+        self._carry: _Job | object | None = None  # a job that did not fit the last batch, or _STOP
         self.runs = self.images = 0
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
@@ -108,6 +112,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        assert job.result is not None  # the batcher sets one or the other
         return job.result
 
     def close(self) -> None:
@@ -117,7 +122,7 @@ class Batcher:
     def _collect(self) -> list[_Job] | None:
         first = self._carry if self._carry is not None else self._queue.get()
         self._carry = None
-        if first is _STOP:
+        if not isinstance(first, _Job):  # _STOP
             return None
         jobs, n = [first], len(first.x)
         deadline = time.monotonic() + self._delay
@@ -127,7 +132,7 @@ class Batcher:
                 job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is _STOP or n + len(job.x) > self._max:
+            if not isinstance(job, _Job) or n + len(job.x) > self._max:
                 self._carry = job  # the sentinel, or a job for the next batch
                 break
             jobs.append(job)
@@ -163,17 +168,19 @@ class Service:
         self._lock = threading.Lock()
         self.in_flight = 0
         self.started = time.time()
-        self.spec: protocol.ModelSpec | None = None
-        self.batcher: Batcher | None = None
         self.name = name
-        self.session: runtime.Session | None = None
+        # set by load(), before the service is ready: no request reaches them earlier
+        self.spec: protocol.ModelSpec
+        self.batcher: Batcher
+        self.session: runtime.Session
 
     def load(self) -> None:
         """Open the session once and warm it up; only then is the service ready."""
         model = runtime.load_checked(self.model_path)
         graph_in, graph_out = model.graph.input[0], model.graph.output[0]
-        dims = lambda v: tuple(d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
-                               for d in v.type.tensor_type.shape.dim)
+
+        def dims(v: onnx.ValueInfoProto) -> tuple[int, ...]:
+            return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
         self.spec = protocol.ModelSpec(
             name=self.name, version=model_version(self.model_path), platform="onnxruntime_onnx",
             input=protocol.TensorSpec(graph_in.name, "FP32", dims(graph_in)),
@@ -208,7 +215,7 @@ _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     server_version = "mnist-onnx-serve"
-    server: "Server"
+    server: Server
 
     # -- plumbing -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -439,7 +446,7 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
     except OSError as e:
         raise ServeError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
                          "(0 = any free one) or stop what is using it") from None
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]
     log(f"serve: listening on http://{host}:{port} (model {name!r} from {model_path}; not ready until warmed up)")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http")
     thread.start()
@@ -450,8 +457,9 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
     try:
         t0 = time.perf_counter()
         service.load()
+        note = f" ({service.session.note})" if service.session.note else ""
         log(f"serve: ready in {time.perf_counter() - t0:.2f} s: model version {service.spec.version}, "
-            f"onnxruntime on {service.session.label}{' (' + service.session.note + ')' if service.session.note else ''}; "
+            f"onnxruntime on {service.session.label}{note}; "
             f"open http://{host}:{port}/ to draw a digit")
     except Exception:
         server.drain(0)
@@ -464,6 +472,7 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
     thread.join()
     service.batcher.close()
     b = service.batcher
-    log(f"serve: stopped; {b.images:,} images in {b.runs:,} onnxruntime runs "
-        f"(mean batch {b.images / max(b.runs, 1):.1f})" + (f"; {cut} request(s) cut off after the grace period" if cut else ""))
+    mean = b.images / max(b.runs, 1)
+    log(f"serve: stopped; {b.images:,} images in {b.runs:,} onnxruntime runs (mean batch {mean:.1f})"
+        + (f"; {cut} request(s) cut off after the grace period" if cut else ""))
     return 0 if not cut else 1

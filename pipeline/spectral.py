@@ -87,7 +87,7 @@ def transforms(hw: tuple[int, int], kernel: tuple[int, int], padding: tuple[int,
     t_in = torch.view_as_real(torch.fft.rfft2(impulses)).reshape(h * w, 2 * f).t()
     unit = torch.zeros(2 * f, f, dtype=torch.complex128)
     unit[2 * torch.arange(f), torch.arange(f)] = 1.0  # real part of frequency f
-    unit[2 * torch.arange(f) + 1, torch.arange(f)] = 1j  # imaginary part
+    unit[2 * torch.arange(f) + 1, torch.arange(f)] = torch.tensor(1j, dtype=torch.complex128)  # imaginary part
     back = torch.fft.irfft2(unit.view(2 * f, n[0], n[1] // 2 + 1), s=n)
     t_out = back[:, : h + 2 * ph - kh + 1, : w + 2 * pw - kw + 1].reshape(2 * f, -1).t()
     return t_in.to(dtype).contiguous(), t_out.to(dtype).contiguous()
@@ -130,8 +130,11 @@ class SpectralConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not supported(self.kernel_size, self.stride, self.padding, self.dilation, self.groups) \
-                or self.padding_mode != "zeros":
+                or self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError(f"SpectralConv2d needs stride 1, zero padding < kernel, no dilation or groups: {self}")
+        # nn.Conv2d stores 2-D sizes as tuples of two (typed tuple[int, ...]); padding is numeric here
+        self._kernel = (self.kernel_size[0], self.kernel_size[1])
+        self._pad = (int(self.padding[0]), int(self.padding[1]))
         self._transforms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,6 @@ class SpectralConv2d(nn.Conv2d):
             return super().forward(x)
         key = (tuple(x.shape[2:]), x.dtype)
         if key not in self._transforms:
-            self._transforms[key] = transforms(key[0], self.kernel_size, self.padding, x.dtype)
+            self._transforms[key] = transforms((key[0][0], key[0][1]), self._kernel, self._pad, x.dtype)
         with torch.profiler.record_function("spectral_conv2d"):  # one row in benchmarks.profile
-            return spectral_conv2d(x, self.weight, self.bias, self.padding, *self._transforms[key])
+            return spectral_conv2d(x, self.weight, self.bias, self._pad, *self._transforms[key])

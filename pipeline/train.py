@@ -12,8 +12,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.params import require
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,16 @@ def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> 
     return x, y
 
 
-def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+def prepare(model: M, device: torch.device) -> M:
     """Move the model to ``device`` in channels-last layout (1.3x faster steps on CPU, measured)."""
-    return model.to(device=device, memory_format=torch.channels_last)
+    return model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     # fused: one kernel for the whole update instead of a dozen elementwise passes
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
                                                     steps_per_epoch=steps_per_epoch)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)

@@ -50,7 +50,8 @@ def layer_nodes(proto: onnx.ModelProto, plan: list[shapes.Layer]) -> dict[str, o
     for node in proto.graph.node:
         if node.op_type in _LAYER_OPS:
             by_kind.setdefault(_LAYER_OPS[node.op_type], []).append(node)
-    found, seen = {}, {}
+    found: dict[str, onnx.NodeProto] = {}
+    seen: dict[str, int] = {}
     for layer in plan:
         i = seen.get(layer.op, 0)
         nodes = by_kind.get(layer.op, [])
@@ -187,7 +188,7 @@ def verify(proto: onnx.ModelProto, plan: list[shapes.Layer], x: np.ndarray) -> l
                 problems.append(f"batch axis is fixed to {inf[0]} in the graph, not symbolic")
             if inf[1:] != predicted[1:]:
                 problems.append(f"ONNX-inferred {_fmt(inf)} != predicted {_fmt(predicted)}")
-        if rt is None or got.shape[0] != len(x):
+        if got is None or rt is None or got.shape[0] != len(x):
             problems.append("onnxruntime produced no output of the batch's size")
         elif rt[1:] != predicted[1:]:
             problems.append(f"onnxruntime {_fmt(rt)} != predicted {_fmt(predicted)}")
@@ -218,7 +219,8 @@ def check(rows: list[Row], name: str = "model.onnx") -> None:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| layer | op | predicted | ONNX-inferred | onnxruntime | arithmetic | parameters (predicted / ONNX) | ok |",
+    lines = ["| layer | op | predicted | ONNX-inferred | onnxruntime | arithmetic "
+             "| parameters (predicted / ONNX) | ok |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.layer} | {r.op} | {_fmt(r.predicted)} | {_fmt(r.inferred)} | {_fmt(r.runtime)} | "

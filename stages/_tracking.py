@@ -28,8 +28,9 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # MLflow's REST client otherwise retries for minutes with backoff; a user's settings win.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -265,7 +266,7 @@ class Tracker:
         return _ids(spool_dir()).get(self.key) if spool_dir().is_dir() else None
 
     @classmethod
-    def start(cls, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> "Tracker":
+    def start(cls, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> Tracker:
         _replay_pending()
         op = {"op": "create_run", "run_name": run_name, "tags": {k: str(v) for k, v in tags.items()},
               "start_time": int(time.time() * 1000)}
@@ -280,7 +281,7 @@ class Tracker:
         return tracker
 
     @classmethod
-    def resume(cls, run_id_file: Path) -> "Tracker":
+    def resume(cls, run_id_file: Path) -> Tracker:
         key = run_id_file.read_text().strip() if run_id_file.is_file() else ""
         if not key:
             print(f"warning: no MLflow run id in {run_id_file}; not logging to MLflow", file=sys.stderr)

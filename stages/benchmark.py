@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> None:
         models["int8"] = runtime.load_checked(args.int8)
         for name, proto in models.items():
             session = runtime.open_session(proto, "cpu", cfg.threads)
-            summary[f"{name}_accuracy"] = evaluate.summarize(test_y, evaluate.predict_logits(session, test_x, 1000))["accuracy"]
+            logits = evaluate.predict_logits(session, test_x, 1000)
+            summary[f"{name}_accuracy"] = evaluate.summarize(test_y, logits)["accuracy"]
 
     cases, status = bench.plan(models, cfg)
     with tqdm(total=len(cases) * len(cfg.batch_sizes), desc="benchmark", unit="case") as bar:
@@ -59,8 +60,9 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_text(args.plots, out.getvalue())
     atomic.write_json(args.metrics, {**summary, "rows": rows})
     hw = summary["hardware"]
-    figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores)"
-                            + (f", {hw['gpu']}" if "gpu" in hw else "") + f"; onnxruntime {hw['onnxruntime']}, torch {hw['torch']}")
+    gpu = f", {hw['gpu']}" if "gpu" in hw else ""
+    figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; "
+                                              f"onnxruntime {hw['onnxruntime']}, torch {hw['torch']}")
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -24,7 +24,8 @@ def test_time_calls_obeys_warmup_min_runs_and_budget():
     times = bench.time_calls(lambda: calls.append(1), warmup=3, min_runs=2, min_seconds=0.0, max_runs=50,
                              clock=clock)
     assert len(times) == 2 and len(calls) == 5 and all(t == 0.5 for t in times)
-    times = bench.time_calls(lambda: None, 0, 1, min_seconds=10.0, max_runs=1000, clock=iter(np.arange(0, 1e4, 0.5)).__next__)
+    clock = iter(np.arange(0, 1e4, 0.5)).__next__
+    times = bench.time_calls(lambda: None, 0, 1, min_seconds=10.0, max_runs=1000, clock=clock)
     assert 5 <= len(times) <= 12  # stopped by the 10 s budget, not max_runs
     assert len(bench.time_calls(lambda: None, 0, 1, 1e9, 7)) == 7  # max_runs caps it
 

@@ -68,7 +68,7 @@ def test_stage_deps_are_exactly_the_code_it_imports(name):
     module = words[words.index("-m") + 1]
     code = closure(module)
     deps = {d for d in stage["deps"] if d.endswith(".py")}
-    assert not code - deps, f"{name}: imported but not in deps (a change there would not rerun it): {sorted(code - deps)}"
+    assert not code - deps, f"{name}: imported but not in deps (a change would not rerun it): {sorted(code - deps)}"
     assert not deps - code, f"{name}: in deps but not imported (reruns it for nothing): {sorted(deps - code)}"
 
 

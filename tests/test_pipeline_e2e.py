@@ -69,9 +69,10 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     assert "| conv2 | Conv | N x 16 x 14 x 14 | batch x 16 x 14 x 14 | N x 16 x 14 x 14 |" in (
         root / "reports/shapes.md").read_text()
     bench = json.loads((root / "metrics/benchmark.json").read_text())
+    cuda = {("onnxruntime-cuda", "fp32", b) for b in (1, 16)} if bench["cuda_status"] == "ran" else set()
     assert {(r["path"], r["precision"], r["batch"]) for r in bench["rows"]} == {
         (p, q, b) for p, q in [("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8"), ("pytorch-cpu", "fp32")]
-        for b in (1, 16)} | ({("onnxruntime-cuda", "fp32", b) for b in (1, 16)} if bench["cuda_status"] == "ran" else set())
+        for b in (1, 16)} | cuda
     assert "ort_vs_torch_cpu_p50_ratio_b1" in bench and bench["hardware"]["cores"]
     for picture in ("conv1_filters", "feature_maps", "confusion", "benchmark"):
         assert (root / f"plots/{picture}.png").read_bytes()[:4] == b"\x89PNG"

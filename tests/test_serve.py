@@ -199,7 +199,7 @@ def test_broken_http_gets_a_4xx(server, request_head, status):
 def test_readiness_turns_true_only_after_the_warm_up_run(served_model):
     svc = serve.Service(served_model, NAME, serve.ServeConfig(port=0))
     httpd = serve.Server(svc)
-    url = "http://%s:%d" % httpd.server_address[:2]
+    url = "http://{}:{}".format(*httpd.server_address[:2])
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

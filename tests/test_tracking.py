@@ -48,7 +48,8 @@ def mlflow_server(db: Path, port: int):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n" + db.with_suffix(f".{port}.log").read_text())
+                    raise RuntimeError("mlflow server did not start:\n"
+                                       + db.with_suffix(f".{port}.log").read_text()) from None
                 time.sleep(0.3)
         yield proc
     finally:

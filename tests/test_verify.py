@@ -204,7 +204,7 @@ def test_a_tampered_file_fails_the_stage_naming_the_layer_and_the_file_with_a_re
     error = proc.stderr.splitlines()[-1] if proc.stderr else ""
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"{path} does not match the convolution arithmetic" in proc.stderr
-    assert f"(layer conv2)" in proc.stderr and "conv2 (" in proc.stderr, error
+    assert "(layer conv2)" in proc.stderr and "conv2 (" in proc.stderr, error
     report = __import__("json").loads(out["json"].read_text())
     assert report["verify_ok"] is False and report["verify_mismatches"] >= 1
     assert "# Layer shapes of tampered.onnx" in out["md"].read_text()
