@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import contract  # numpy only; never torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -103,8 +105,8 @@ def infer_bodies(data_dir: Path | None, count: int, per_request: int = 1,
         images, labels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), np.full(count, -1)
     out = []
     for start in range(0, count - per_request + 1, per_request):
-        pixels = images[start:start + per_request].astype(np.float32) / 255
-        tensor = {"name": "image", "datatype": "FP32", "shape": [per_request, 1, 28, 28]}
+        pixels = contract.to_input(images[start:start + per_request])
+        tensor = {"name": contract.INPUT_NAME, "datatype": "FP32", "shape": list(pixels.shape)}
         truth = [int(v) for v in labels[start:start + per_request]]
         if binary:
             raw = pixels.astype("<f4").tobytes()
@@ -229,10 +231,10 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "model.onnx")
+    parser.add_argument("--model", type=Path, default=REPO / contract.DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, help="folder of the IDX files: send real digits and check answers")
     parser.add_argument("--url", help="load a running server instead of starting one (no memory readings)")
-    parser.add_argument("--name", default="mnist-cnn-onnx", help="model name in the v2 API")
+    parser.add_argument("--name", default=contract.RegistryConfig.model_name, help="model name in the v2 API")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--images-per-request", type=int, default=1, help="digits in each infer request")

@@ -13,6 +13,7 @@ for the weight gradient and, except for the first layer, for the input gradient.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from pipeline import runtime, train
+from pipeline import contract, runtime, train
 from pipeline.model import ModelConfig, Net
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -318,11 +319,11 @@ def say(text: str) -> None:
 
 def profile_inference(args: argparse.Namespace) -> list[str]:
     cfg = ModelConfig()
-    net = Net(cfg)
     weights = Path(args.weights)
     if weights.exists():
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net = Net.from_weights(cfg, weights)
     else:
+        net = Net(cfg)
         say(f"{weights} not found: PyTorch runs random weights (the speed does not depend on them)")
     net = net.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
     x = np.random.default_rng(0).random((args.batch, 1, 28, 28), dtype=np.float32)
@@ -340,7 +341,7 @@ def profile_inference(args: argparse.Namespace) -> list[str]:
         else:
             say(f"profiling {label} ...")
             s = runtime.open_session(runtime.load_checked(path), "cpu")
-            paths[label] = (ort_profile(Path(path), cfg, x, args.runs), lambda s=s: s.run(x))
+            paths[label] = (ort_profile(Path(path), cfg, x, args.runs), functools.partial(s.run, x))
     say("timing each path without the profiler, then the matrix-multiply peaks ...")
     walls = {label: median_seconds(call, args.runs) * 1e3 for label, (_, call) in paths.items()}
     peaks = gemm_peaks()
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("inference", help="batch inference: PyTorch, onnxruntime FP32 and INT8")
     i.add_argument("--batch", type=int, default=256)
     i.add_argument("--runs", type=int, default=20, help="calls profiled (and timed)")
-    i.add_argument("--model", default="models/model.onnx")
+    i.add_argument("--model", default=str(contract.DEFAULT_MODEL))
     i.add_argument("--int8", default="models/model.int8.onnx")
     i.add_argument("--weights", default="models/model.pt", help="PyTorch weights (random if missing)")
     for s in (t, i):

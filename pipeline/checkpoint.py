@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from pipeline import atomic
+from pipeline.errors import PipelineError
 
 MAGIC = b"MNIST-ONNX-CHECKPOINT-1\n"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError, ValueError):
     """A checkpoint that is damaged, unsafe, or not of this run."""
 
 

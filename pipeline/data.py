@@ -1,4 +1,4 @@
-"""MNIST: mirrors and checksums, a verified download, IDX parsing, tensors.
+"""MNIST: mirrors and checksums, a verified download, IDX parsing into arrays.
 
 Each file is fetched as ``<name>.gz`` from the first mirror that works, decompressed, and
 kept only if the SHA-256 of the decompressed payload is the published one and its IDX
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import atomic
+from pipeline.errors import PipelineError
 from pipeline.params import require
 
 # SHA-256 of each decompressed payload (the published MNIST files; see shared/mnist/README.md).
@@ -63,11 +64,11 @@ class DownloadConfig:
         require(self.backoff_s >= 0, "download.backoff_s", self.backoff_s, "a number of seconds >= 0")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError, RuntimeError):
     """No mirror gave a good copy of a file; the message lists every mirror and why."""
 
 
-class IDXError(ValueError):
+class IDXError(PipelineError, ValueError):
     """A file that is not a well-formed IDX file of the expected kind."""
 
 

@@ -13,13 +13,15 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import PipelineError
+
 MAX_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
 INK_THRESHOLD = 0.2  # fraction of full intensity that counts as ink when cropping
 SIDE, BOX = 28, 20  # MNIST frame and the box the digit is scaled into
 CENTRE = 14.0  # MNIST's centre of mass, in pixel indices (row and column)
 
 
-class ImageError(ValueError):
+class ImageError(PipelineError, ValueError):
     """Bytes that are not a decodable image, or an image with no digit in it."""
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import runtime
+from pipeline import contract, runtime
 from pipeline.params import require
 
 
@@ -20,13 +20,8 @@ class EvaluateConfig:
                 "a whole number >= 0")
 
 
-def images_to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> the model's input, float32 (N, 1, 28, 28) in [0, 1]."""
-    return (images.astype(np.float32) / 255.0)[:, None, :, :]
-
-
 def predict_logits(session: runtime.Session, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([session.run(images_to_input(images[i:i + batch_size]))
+    return np.concatenate([session.run(contract.to_input(images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
 
 

@@ -15,11 +15,10 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline import atomic, runtime
+from pipeline import atomic, contract, runtime
+from pipeline.errors import PipelineError
 from pipeline.model import Net
 from pipeline.params import require
-
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ExportConfig:
         require(self.parity_atol > 0, "export.parity_atol", self.parity_atol, "a tolerance > 0")
 
 
-class ParityError(RuntimeError):
+class ParityError(PipelineError, RuntimeError):
     """onnxruntime and PyTorch disagree on the same input beyond the tolerance."""
 
 
@@ -52,10 +51,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, cfg: ExportConfig) ->
     model = model.cpu().eval()
     if isinstance(model, Net):
         model = model.in_tutorial_order().eval()
-    example = torch.rand(cfg.example_batch, 1, 28, 28)
+    example = torch.rand(cfg.example_batch, 1, contract.SIDE, contract.SIDE)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
-        model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        model, (example,), input_names=[contract.INPUT_NAME], output_names=[contract.OUTPUT_NAME],
         opset_version=cfg.opset, dynamo=True, external_data=False,
         dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False,
     )

@@ -1,4 +1,5 @@
-"""Pictures a person looks at: misclassified digits, the confusion matrix, training curves."""
+"""Pictures a person looks at: misclassified digits, the confusion matrix, conv1's filters, feature
+maps, and the benchmark chart (DVC draws the training curves from plots/train.csv)."""
 from __future__ import annotations
 
 import os

@@ -10,16 +10,14 @@ Input contract (also of the exported ONNX model): float32 (N, 1, 28, 28), pixel 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline import shapes, spectral
+from pipeline import contract, shapes, spectral
 from pipeline.params import ParamError, require
-
-INPUT_HW = 28  # MNIST images are 28x28, one channel
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -47,12 +45,13 @@ class ModelConfig:
         try:
             self.layers()
         except shapes.ShapeError as e:
-            raise ParamError(f"model: this architecture does not fit a {INPUT_HW}x{INPUT_HW} image: {e}") from None
+            side = contract.SIDE
+            raise ParamError(f"model: this architecture does not fit a {side}x{side} image: {e}") from None
 
     def layers(self) -> list[shapes.Layer]:
         """The predicted network table (raises shapes.ShapeError if it doesn't tile)."""
-        return shapes.plan(INPUT_HW, 1, self.channels, self.kernel, self.stride, self.padding,
-                           self.pool, self.pool_stride, self.fc_units, NUM_CLASSES)
+        return shapes.plan(contract.SIDE, 1, self.channels, self.kernel, self.stride, self.padding,
+                           self.pool, self.pool_stride, self.fc_units, contract.CLASSES)
 
 
 class Net(nn.Module):
@@ -80,7 +79,7 @@ class Net(nn.Module):
         self.spectral_convs = spectral_convs
         plan = {layer.name: layer for layer in cfg.layers()}
         blocks = []
-        in_c, in_hw = 1, (INPUT_HW, INPUT_HW)  # (H, W) of the next layer's input
+        in_c, in_hw = 1, (contract.SIDE, contract.SIDE)  # (H, W) of the next layer's input
         for i, out_c in enumerate(cfg.channels, start=1):
             top, left, bottom, right = plan[f"conv{i}"].pads
             symmetric = top == bottom and left == right
@@ -103,7 +102,15 @@ class Net(nn.Module):
         flat = plan["flatten"].shape[0]
         self.fc1 = nn.Linear(flat, cfg.fc_units)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.fc_units, NUM_CLASSES)
+        self.out = nn.Linear(cfg.fc_units, contract.CLASSES)
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, path: str | os.PathLike) -> Net:
+        """The network of ``cfg`` with the trained weights at ``path`` (a state_dict file, loaded
+        with weights_only: no pickled code runs), on the CPU, in evaluation mode."""
+        net = cls(cfg)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval()
 
     def in_tutorial_order(self) -> Net:
         """This network with the same weights, ReLU before each pool: what the export writes."""

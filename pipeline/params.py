@@ -12,10 +12,12 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
+from pipeline.errors import PipelineError
+
 T = TypeVar("T")
 
 
-class ParamError(ValueError):
+class ParamError(PipelineError, ValueError):
     """A parameter that cannot be used; the message says which and what is allowed."""
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from pipeline.errors import PipelineError
 
 DATATYPES = {"FP32": np.float32}  # the model takes float32 pixels in [0, 1]; nothing else is accepted
 
 
-class RequestError(ValueError):
+class RequestError(PipelineError, ValueError):
     """A client's mistake: answer ``status`` (4xx) with ``str(self)``."""
 
     def __init__(self, message: str, status: int = 400):

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pipeline.errors import PipelineError
+
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -23,7 +25,7 @@ PROVIDERS = {
 }
 
 
-class ModelFileError(ValueError):
+class ModelFileError(PipelineError, ValueError):
     """An ONNX file that is missing, truncated, invalid or not self-contained."""
 
 

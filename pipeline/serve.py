@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from pipeline import digits, evaluate, protocol, runtime
+from pipeline.errors import PipelineError
 from pipeline.params import require
 
 PAGE = Path(__file__).with_name("static") / "draw.html"
@@ -80,7 +81,7 @@ def model_version(path: str | os.PathLike) -> str:
 _STOP = object()  # put on the queue by Batcher.close
 
 
-class ServeError(RuntimeError):
+class ServeError(PipelineError, RuntimeError):
     """The service cannot start as configured (for example, its port is taken)."""
 
 

@@ -17,10 +17,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from pipeline.errors import PipelineError
+
 Padding = int | str  # an explicit P per side, or "same" / "valid"
 
 
-class ShapeError(ValueError):
+class ShapeError(PipelineError, ValueError):
     """A layer configuration that does not tile its input."""
 
 

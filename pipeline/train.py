@@ -1,13 +1,15 @@
 """Training: the whole dataset held as tensors on the device, shuffled and batched there.
 
 ``train_epoch`` and ``evaluate`` are the canonical pair (pytorch/examples mnist); the caller
-owns the four-line epoch loop. Shuffling uses a generator seeded from (seed, epoch), so an
-epoch's order doesn't depend on what ran before it; with a fixed seed and thread count the
-CPU run is bit-for-bit reproducible.
+owns the epoch loop, with ``Training`` holding what makes it resumable. Shuffling uses a
+generator seeded from (seed, epoch), so an epoch's order doesn't depend on what ran before
+it; with a fixed seed and thread count the CPU run is bit-for-bit reproducible.
 """
 from __future__ import annotations
 
+import csv
 import ctypes
+import io
 import os
 import resource
 import sys
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import checkpoint
 from pipeline.params import require
 
 M = TypeVar("M", bound=nn.Module)
@@ -120,8 +123,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
     # fused: one kernel for the whole update instead of a dozen elementwise passes
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.schedule == "onecycle":
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                    steps_per_epoch=steps_per_epoch)
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     return opt, sched
@@ -190,55 +193,94 @@ def new_totals(device: torch.device) -> dict:
             "seconds": 0.0}
 
 
-def fit(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-        evaluate_fn: Callable[[], dict[str, float]], checkpoint_path=None, fingerprint: str = "",
-        on_step_for: Callable[[int], Callable[[int, float], None] | None] = lambda epoch: None,
-        on_epoch: Callable[[dict], None] = lambda row: None, meta: dict | None = None) -> list[dict]:
-    """The epoch loop, resumable: with ``checkpoint_path`` it continues a killed run from its
-    last checkpoint (every ``cfg.checkpoint_every`` steps, and at each epoch's end) and ends
-    with the same weights, bit for bit on CPU, as a run that was never stopped. The
-    caller deletes the checkpoint once it has written its outputs (a kill in between then
-    costs nothing: the next run resumes at the end and writes them again). ``meta`` (plain values, such as the MLflow
-    run id) is stored in each checkpoint for the caller to read back before resuming."""
-    from pipeline import checkpoint
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch(len(x), cfg.batch_size))
-    history: list[dict] = []
-    epoch, step, totals = 0, 0, None
-    state = checkpoint.load(checkpoint_path, fingerprint) if checkpoint_path else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if x.is_cuda and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], x.device)
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        totals = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in state["totals"].items()}
+class Training:
+    """A resumable training run: the model, its optimiser and schedule, and where it stands.
+    The caller owns the epoch loop::
 
-    def save(epoch: int, step: int, totals: dict | None) -> None:
-        checkpoint.save(checkpoint_path, {
-            "fingerprint": fingerprint, "meta": meta or {}, "epoch": epoch, "step": step, "history": history,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+        training = Training.start(model, cfg, x, y, checkpoint_path, fingerprint)
+        for epoch in training.remaining_epochs():
+            row = training.run_epoch(on_step)        # checkpoints every cfg.checkpoint_every steps
+            row.update(evaluate(model, x_test, y_test))
+            training.end_epoch(row)                  # the history, and a checkpoint at the boundary
+
+    With ``checkpoint_path``, ``start`` continues a killed run from its last checkpoint (read
+    once, here) and the run ends with the same weights, bit for bit on CPU, as one never
+    stopped. The caller deletes the checkpoint once it has written its outputs (a kill in
+    between then costs nothing: the next run resumes at the end and writes them again).
+    ``meta`` (plain values, such as the MLflow run id) travels in every checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+                 checkpoint_path: str | os.PathLike | None = None, fingerprint: str = ""):
+        self.model, self.cfg, self.x, self.y = model, cfg, x, y
+        self.opt, self.sched = make_optimizer(model, cfg, steps_per_epoch(len(x), cfg.batch_size))
+        self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
+        self.epoch, self.step = 0, 0  # the next epoch to run, and the next step within it
+        self.totals: dict | None = None  # sums of the epoch so far, when resuming mid-epoch
+        self.history: list[dict] = []
+        self.meta: dict = {}
+        self.resumed = False
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+              checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "") -> Training:
+        """A new run, or the killed one ``checkpoint_path`` holds (CheckpointError if it can't be trusted)."""
+        training = cls(model, cfg, x, y, checkpoint_path, fingerprint)
+        state = checkpoint.load(checkpoint_path, fingerprint) if checkpoint_path else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            training.opt.load_state_dict(state["optimizer"])
+            training.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng_cpu"])
+            if x.is_cuda and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], x.device)
+            training.epoch, training.step, training.history = state["epoch"], state["step"], state["history"]
+            training.totals = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in state["totals"].items()}
+            training.meta, training.resumed = state["meta"], True
+        return training
+
+    def remaining_epochs(self) -> range:
+        return range(self.epoch, self.cfg.epochs)
+
+    def run_epoch(self, on_step: Callable[[int, float], None] | None = None) -> dict:
+        """Train the current epoch from where it stands; returns its row (epoch number from 1)."""
+        after_step = self._after_step if self.checkpoint_path else None
+        row = train_epoch(self.model, self.opt, self.sched, self.x, self.y, self.cfg, self.epoch, on_step,
+                          start_step=self.step, totals=self.totals, after_step=after_step)
+        return {"epoch": self.epoch + 1, **row}
+
+    def end_epoch(self, row: dict) -> None:
+        """Record the finished epoch's row; checkpoint at the boundary unless it was the last."""
+        self.history.append(row)
+        self.epoch, self.step, self.totals = self.epoch + 1, 0, None
+        if self.checkpoint_path and self.epoch < self.cfg.epochs:
+            self.save()
+
+    def save(self) -> None:
+        assert self.checkpoint_path is not None
+        x = self.x
+        checkpoint.save(self.checkpoint_path, {
+            "fingerprint": self.fingerprint, "meta": self.meta, "epoch": self.epoch, "step": self.step,
+            "history": self.history, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(x.device) if x.is_cuda else None,
-            "totals": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in (totals or new_totals(x.device)).items()},
+            "totals": {k: (v.cpu() if torch.is_tensor(v) else v)
+                       for k, v in (self.totals or new_totals(x.device)).items()},
         })
 
-    def after_step(next_step: int, totals: dict, epoch: int) -> None:
-        if cfg.checkpoint_every and next_step % cfg.checkpoint_every == 0:
-            save(epoch, next_step, totals)
+    def _after_step(self, next_step: int, totals: dict) -> None:
+        if self.cfg.checkpoint_every and next_step % self.cfg.checkpoint_every == 0:
+            self.step, self.totals = next_step, totals
+            self.save()
 
-    for ep in range(epoch, cfg.epochs):
-        row = {"epoch": ep + 1, **train_epoch(
-            model, opt, sched, x, y, cfg, ep, on_step_for(ep), start_step=step if ep == epoch else 0,
-            totals=totals if ep == epoch else None,
-            after_step=(lambda n, t, ep=ep: after_step(n, t, ep)) if checkpoint_path else None)}
-        row.update(evaluate_fn())
-        history.append(row)
-        on_epoch(row)
-        if checkpoint_path and ep + 1 < cfg.epochs:
-            save(ep + 1, 0, None)
-    return history
+
+def history_csv(rows: list[dict]) -> str:
+    """The per-epoch rows as CSV, floats to 6 decimals (DVC plots and the README read it)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    return out.getvalue()
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from pipeline import atomic
+from pipeline.errors import PipelineError
 from pipeline.params import require
 
 # ONNX element types -> Triton's DataType names (model_config.proto)
@@ -44,7 +45,7 @@ class TritonConfig:
         require(self.instance_count >= 1, "triton.instance_count", self.instance_count, "a whole number >= 1")
 
 
-class TritonError(ValueError):
+class TritonError(PipelineError, ValueError):
     """The model cannot be served by Triton as configured (for example, a fixed batch axis)."""
 
 

@@ -19,13 +19,14 @@ import onnx
 import onnx.utils
 
 from pipeline import runtime, shapes
+from pipeline.errors import PipelineError
 
 # ONNX ops that implement each kind of layer, in the order layers appear
 _LAYER_OPS = {"Conv": "Conv", "MaxPool": "MaxPool", "Flatten": "Flatten", "Reshape": "Flatten",
               "Gemm": "Gemm", "MatMul": "Gemm"}
 
 
-class VerifyError(RuntimeError):
+class VerifyError(PipelineError, RuntimeError):
     """The exported model disagrees with the arithmetic; the message is the diff."""
 
 

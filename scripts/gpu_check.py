@@ -19,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import bench, data, evaluate, export, params, runtime, train  # noqa: E402
+from pipeline import bench, contract, data, evaluate, export, params, runtime, train  # noqa: E402
 from pipeline.model import ModelConfig, Net  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,13 @@ def main() -> None:
         log(f"epoch {row['epoch']}: {row['seconds']:.3f} s train, {row['images_per_s']:.0f} img/s, "
             f"test_acc {row['test_acc']:.4f}, wall {row['wall_s']:.2f} s")
 
-    history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), on_epoch=on_epoch)
+    training = train.Training.start(model, cfg, x, y)
+    for _ in training.remaining_epochs():
+        row = training.run_epoch()
+        row.update(train.evaluate(model, xt, yt))
+        on_epoch(row)
+        training.end_epoch(row)
+    history = training.history
     result["train"] = {"history": history, **reached, **train.peak_memory(device),
                        "best_epoch_seconds_after_first": min((r["seconds"] for r in history[1:]), default=None)}
 
@@ -84,7 +90,7 @@ def main() -> None:
     proto = runtime.load_checked(onnx_path)
     images, labels = data.load_split(raw, "test")
     result["parity"] = export.parity(cpu_model, runtime.open_session(proto, "cpu"),
-                                     evaluate.images_to_input(images[:1000]), 1e-3)
+                                     contract.to_input(images[:1000]), 1e-3)
     for provider in ("cpu", "cuda"):
         s = runtime.open_session(proto, provider)
         acc = evaluate.summarize(labels, evaluate.predict_logits(s, images, 1000))["accuracy"]
@@ -92,7 +98,7 @@ def main() -> None:
         log(f"onnxruntime asked {provider}, ran {s.providers}: accuracy {acc:.4f} {s.note}")
 
     # --- the benchmark sweep
-    x_in = evaluate.images_to_input(images[:max(bcfg.batch_sizes)])
+    x_in = contract.to_input(images[:max(bcfg.batch_sizes)])
     models = {"fp32": proto}
     cases, status = bench.plan(models, bcfg)
     rows = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda name: log(f"  {name}"))

@@ -6,11 +6,14 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from pipeline import params as P
+from pipeline.errors import PipelineError
 
+T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")  # DVC runs every stage from the repository root
 
 
@@ -26,25 +29,10 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
     return data
 
 
-def section(cls, name: str, params: dict | None = None):
+def section(cls: type[T], name: str, params: dict | None = None) -> T:
     """The typed config of one params.yaml section, validated."""
     params = load_params() if params is None else params
     return P.parse(cls, params.get(name), name)
-
-
-KNOWN_ERRORS = {  # module -> its error classes whose message is the whole story
-    "pipeline.params": ("ParamError",), "pipeline.checkpoint": ("CheckpointError",),
-    "pipeline.data": ("DownloadError", "IDXError"), "pipeline.export": ("ParityError",),
-    "pipeline.runtime": ("ModelFileError",), "pipeline.shapes": ("ShapeError",),
-    "pipeline.verify": ("VerifyError",), "pipeline.digits": ("ImageError",),
-    "pipeline.serve": ("ServeError",), "pipeline.triton": ("TritonError",),
-}
-
-
-def _known_errors() -> tuple[type, ...]:
-    """Only modules already imported can have raised: looking them up never imports torch."""
-    return tuple(getattr(sys.modules[m], name) for m, names in KNOWN_ERRORS.items()
-                 if m in sys.modules for name in names)
 
 
 def describe(e: BaseException) -> str:
@@ -61,7 +49,7 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         print(f"\n{parser.prog}: interrupted; nothing was written at a final path", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if not isinstance(e, _known_errors()):
+        if not isinstance(e, PipelineError):  # ours say what is wrong; anything else is a bug
             traceback.print_exc()
         print(f"{parser.prog}: error: {describe(e)}", file=sys.stderr)
         sys.exit(1)

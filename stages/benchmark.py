@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, bench, data, evaluate, figures, runtime
+from pipeline import atomic, bench, contract, data, evaluate, figures, runtime
 from pipeline.model import ModelConfig, Net
 from stages import _cli
-from stages._tracking import Tracker
+from tracking.run import Tracker
 
 COLUMNS = ["path", "provider", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
            "images_per_s", "runs", "rss_growth_mb", "gpu_mem_mb", "providers_used", "note"]
@@ -24,16 +24,15 @@ def main(args: argparse.Namespace) -> None:
     model_cfg = _cli.section(ModelConfig, "model", all_params)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     fp32 = runtime.load_checked(args.model)
-    net = Net(model_cfg)
-    net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    net = Net.from_weights(model_cfg, args.weights)
     test_x, test_y = data.load_split(args.data, "test")
-    x = evaluate.images_to_input(test_x[:max(cfg.batch_sizes)])
+    x = contract.to_input(test_x[:max(cfg.batch_sizes)])
 
     models = {"fp32": fp32}
     summary: dict = {"hardware": bench.hardware()}
     if cfg.int8:
         train_x, _ = data.load_split(args.data, "train")
-        bench.quantize_int8(args.model, args.int8, evaluate.images_to_input(train_x[:cfg.calibration_images]))
+        bench.quantize_int8(args.model, args.int8, contract.to_input(train_x[:cfg.calibration_images]))
         models["int8"] = runtime.load_checked(args.int8)
         for name, proto in models.items():
             session = runtime.open_session(proto, "cpu", cfg.threads)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from stages import _cli
-from stages._tracking import EXPERIMENT, tracking_uri
+from tracking.store import EXPERIMENT, tracking_uri
 
 METRICS = [("eval_accuracy", "test acc", "{:.4f}"), ("mean_images_per_s", "train img/s", "{:.0f}"),
            ("train_seconds", "train s", "{:.0f}"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline import atomic, data, evaluate, figures, runtime
 from stages import _cli
-from stages._tracking import Tracker
+from tracking.run import Tracker
 
 
 def main(args: argparse.Namespace) -> None:

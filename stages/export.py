@@ -4,25 +4,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from pipeline import atomic, data, evaluate, export, runtime
+from pipeline import atomic, contract, data, export, runtime
+from pipeline.contract import RegistryConfig
 from pipeline.model import ModelConfig, Net
 from stages import _cli
-from stages._tracking import Tracker
+from tracking.run import Tracker
 
 
 def main(args: argparse.Namespace) -> None:
     all_params = _cli.load_params()
     model_cfg = _cli.section(ModelConfig, "model", all_params)
     cfg = _cli.section(export.ExportConfig, "export", all_params)
-    model = Net(model_cfg)
-    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    registry = _cli.section(RegistryConfig, "registry", all_params)
+    model = Net.from_weights(model_cfg, args.weights)
 
     export.export_onnx(model, args.out, cfg)
     proto = runtime.load_checked(args.out)  # what a user gets: the file as written, re-read
     images, _ = data.load_split(args.data, "test")
-    x = evaluate.images_to_input(images[:cfg.parity_images])
+    x = contract.to_input(images[:cfg.parity_images])
     session = runtime.open_session(proto, "cpu")
     report = {**export.parity(model, session, x, cfg.parity_atol),
               "opset": cfg.opset, "onnx_bytes": args.out.stat().st_size, "provider": session.label}
@@ -30,8 +29,8 @@ def main(args: argparse.Namespace) -> None:
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in report.items() if k.startswith("parity_") or k == "onnx_bytes"})
-    registry = all_params.get("registry") or {}
-    tracker.log_onnx_model(args.out, x[:2], registry.get("model_name"),
+    example = x[:2]
+    tracker.log_onnx_model(args.out, example, session.run(example), registry.model_name,
                            {k: v for k, v in report.items() if k.startswith("parity_")})
     print(f"{args.out}: {report['onnx_bytes'] / 1e6:.1f} MB, opset {cfg.opset}; onnxruntime vs PyTorch "
           f"on {len(x)} test images: max |diff| {report['parity_max_abs_diff']:.2e}, "

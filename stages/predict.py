@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import digits, evaluate, runtime
+from pipeline import contract, digits, evaluate, runtime
 from pipeline.serve import ServeConfig
 from stages import _cli
 
@@ -48,6 +48,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="stages.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", type=Path, nargs="+", help="PNG, JPEG, ... files of single digits")
-    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument("--model", type=Path, default=contract.DEFAULT_MODEL)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     _cli.run(main, parser)

@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.contract import RegistryConfig
 from stages import _cli
-from stages._tracking import CANDIDATE, CHAMPION, tracking_uri
+from tracking.registry import CANDIDATE, CHAMPION
+from tracking.store import tracking_uri
 
 
 def main(args: argparse.Namespace) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    name = args.name or (_cli.load_params().get("registry") or {}).get("model_name")
+    name = args.name or _cli.section(RegistryConfig, "registry").model_name
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     try:

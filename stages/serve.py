@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipeline import serve
+from pipeline import contract, serve
 from pipeline.params import ParamError
 from stages import _cli
 
@@ -27,14 +27,14 @@ def main(args: argparse.Namespace) -> None:
         cfg = dataclasses.replace(cfg, **overrides)
     except TypeError as e:
         raise ParamError(str(e)) from None
-    name = args.name or (params.get("registry") or {}).get("model_name") or "mnist-cnn-onnx"
+    name = args.name or _cli.section(contract.RegistryConfig, "registry", params).model_name
     sys.exit(serve.serve(args.model, name, cfg, verbose=args.verbose))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="stages.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="the ONNX model to serve")
+    parser.add_argument("--model", type=Path, default=contract.DEFAULT_MODEL, help="the ONNX model to serve")
     parser.add_argument("--name", help="model name in the v2 API (default: registry.model_name)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port; 0 = any free one")

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from stages import _cli
-from stages._tracking import pending_keys, replay, spool_dir, tracking_uri
+from tracking.spool import pending_keys, replay
+from tracking.store import spool_dir, tracking_uri
 
 
 def main(args: argparse.Namespace) -> None:

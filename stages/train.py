@@ -6,9 +6,7 @@ and ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ from tqdm import tqdm
 from pipeline import atomic, checkpoint, data, params, train
 from pipeline.model import ModelConfig, Net, count_params
 from stages import _cli
-from stages._tracking import Tracker, git_tags, package_version
+from tracking.provenance import git_tags, package_version
+from tracking.run import Tracker, note_opened_run, opened_run
 
 
 def main(args: argparse.Namespace) -> None:
@@ -40,13 +39,13 @@ def main(args: argparse.Namespace) -> None:
     model = train.prepare(Net(model_cfg), device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x))
-    resumed = checkpoint.load(args.checkpoint, fingerprint)
+    training = train.Training.start(model, cfg, x, y, args.checkpoint, fingerprint)
     # The run a killed training opened: from its checkpoint, or, killed before the first
     # checkpoint, from the note written when the run was opened. Either way, one run.
     run_note = args.checkpoint.with_name(args.checkpoint.name + ".run")
-    key = (resumed or {}).get("meta", {}).get("run_id") or _opened_run(run_note, fingerprint)
-    if resumed:
-        print(f"resuming from {args.checkpoint}: epoch {resumed['epoch'] + 1}, step {resumed['step']}")
+    key = training.meta.get("run_id") or opened_run(run_note, fingerprint)
+    if training.resumed:
+        print(f"resuming from {args.checkpoint}: epoch {training.epoch + 1}, step {training.step}")
     if key:
         tracker = Tracker(key)  # an MLflow run id, or a pending one
         print(f"continuing MLflow run {key}, opened by a training that was killed")
@@ -57,32 +56,21 @@ def main(args: argparse.Namespace) -> None:
             {**git_tags(exclude=outputs), "device": device_name, "torch": torch.__version__,
              "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"},
         )
-        atomic.write_json(run_note, {"fingerprint": fingerprint, "run": tracker.key})
+        note_opened_run(run_note, fingerprint, tracker.key)
+    training.meta["run_id"] = tracker.key
     print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
           f"{cfg.epochs} epochs, MLflow run {tracker.key}")
 
-    bars: dict[int, tqdm] = {}
-
-    def on_step_for(epoch: int):
-        bar = bars[epoch] = tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}")
-
-        def on_step(done: int, loss: float) -> None:
-            bar.update(done - bar.n)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{bar.format_dict['rate'] or 0:.0f}")
-        return on_step
-
-    def on_epoch(row: dict) -> None:
-        bar = bars.pop(row["epoch"] - 1, None)
-        if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.4f}",
-                            img_s=f"{row['images_per_s']:.0f}")
-            bar.close()
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-
     t0 = time.perf_counter()
     with tracker.system_metrics():
-        history = train.fit(model, cfg, x, y, lambda: train.evaluate(model, xt, yt), args.checkpoint,
-                            fingerprint, on_step_for, on_epoch, meta={"run_id": tracker.key})
+        for epoch in training.remaining_epochs():
+            with tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+                row = training.run_epoch(on_step=lambda done, loss: _progress(bar, done, loss=f"{loss:.4f}"))
+                row.update(train.evaluate(model, xt, yt))
+                _progress(bar, len(x), loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.4f}")
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            training.end_epoch(row)
+    history = training.history
     speeds = [r["images_per_s"] for r in history[1:] if r["images_per_s"]] or [history[0]["images_per_s"]]
     summary = {
         "test_acc": history[-1]["test_acc"],
@@ -97,8 +85,8 @@ def main(args: argparse.Namespace) -> None:
     torch.save(model.cpu().state_dict(), buf := io.BytesIO())
     atomic.write_bytes(args.model, buf.getvalue())
     atomic.write_json(args.metrics, summary)
-    atomic.write_text(args.plots, _csv(history))
-    atomic.write_text(args.run_id, tracker.key + "\n")
+    atomic.write_text(args.plots, train.history_csv(history))
+    atomic.write_text(args.run_id, f"{tracker.key}\n")
     args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
     run_note.unlink(missing_ok=True)
     tracker.log_metrics(_summary_metrics(summary))
@@ -106,12 +94,9 @@ def main(args: argparse.Namespace) -> None:
           f"peak RSS {summary['peak_rss_mb']:.0f} MB")
 
 
-def _opened_run(note: Path, fingerprint: str) -> str | None:
-    try:
-        opened = json.loads(note.read_text())
-    except (OSError, ValueError):
-        return None
-    return opened.get("run") if isinstance(opened, dict) and opened.get("fingerprint") == fingerprint else None
+def _progress(bar: tqdm, done: int, **shown: str) -> None:
+    bar.update(done - bar.n)
+    bar.set_postfix(**shown, img_s=f"{bar.format_dict['rate'] or 0:.0f}")
 
 
 def _summary_metrics(summary: dict) -> dict:
@@ -120,14 +105,6 @@ def _summary_metrics(summary: dict) -> dict:
     The final test accuracy and loss are already the last epoch's points."""
     out = {k: v for k, v in summary.items() if k not in ("test_acc", "test_loss", "images_per_s")}
     return {**out, "mean_images_per_s": summary["images_per_s"]}
-
-
-def _csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    return out.getvalue()
 
 
 if __name__ == "__main__":

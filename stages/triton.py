@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import runtime, triton
+from pipeline import contract, runtime, triton
 from stages import _cli
 
 
 def main(args: argparse.Namespace) -> None:
     params = _cli.load_params()
     cfg = _cli.section(triton.TritonConfig, "triton", params)
-    name = (params.get("registry") or {}).get("model_name") or "mnist-cnn-onnx"
+    name = _cli.section(contract.RegistryConfig, "registry", params).model_name
     model = runtime.load_checked(args.model)
     config = triton.write_repository(args.model, args.out, name, cfg, model)
     print(f"triton: wrote {config} and {config.parent / '1' / 'model.onnx'}")

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline import atomic, data, evaluate, figures, runtime, verify
+from pipeline import atomic, contract, data, figures, runtime, verify
 from pipeline.model import ModelConfig
 from stages import _cli
-from stages._tracking import Tracker
+from tracking.run import Tracker
 
 BATCH = 5  # real test digits run through the graph; also the rows of the feature-map picture
 
@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> None:
     plan = model_cfg.layers()
     proto = runtime.load_self_contained(args.model)  # onnx.checker runs inside verify, as one of its rows
     images, _ = data.load_split(args.data, "test")
-    x = evaluate.images_to_input(images[:BATCH])
+    x = contract.to_input(images[:BATCH])
 
     rows = verify.verify(proto, plan, x)
     result = verify.report(rows)

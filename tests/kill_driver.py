@@ -22,9 +22,11 @@ x_np, y_np = data.load_split(raw, "train")
 x, y = train.to_tensors(x_np[:CFG.subset], y_np[:CFG.subset], torch.device("cpu"))
 model = train.prepare(Net(MODEL), torch.device("cpu"))
 print("ready", flush=True)
-train.fit(model, CFG, x, y, lambda: {}, ckpt if ckpt.name != "none" else None,
-          checkpoint.fingerprint(MODEL, CFG),
-          on_step_for=lambda epoch: lambda done, loss: print(f"step {epoch} {done}", flush=True))
+training = train.Training.start(model, CFG, x, y, ckpt if ckpt.name != "none" else None,
+                                checkpoint.fingerprint(MODEL, CFG))
+for _ in training.remaining_epochs():
+    row = training.run_epoch(on_step=lambda done, loss: print(f"step {training.epoch} {done}", flush=True))
+    training.end_epoch(row)
 with atomic.atomic_path(out) as tmp:
     torch.save(model.state_dict(), tmp)
 if ckpt.name != "none":

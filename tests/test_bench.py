@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from pipeline import bench, evaluate, export, runtime
+from pipeline import bench, contract, evaluate, export, runtime
 from pipeline.model import ModelConfig, Net
 
 
@@ -44,7 +44,7 @@ FAST = bench.BenchConfig(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0
 
 def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split):
     _, path = small_onnx
-    x = evaluate.images_to_input(test_split[0][:4])
+    x = contract.to_input(test_split[0][:4])
     row = bench.ort_case(runtime.load_checked(path), "cuda", 4, x, FAST)
     if "CUDAExecutionProvider" in row["providers_used"].split(",")[0]:
         pytest.skip("this machine really runs CUDA")
@@ -55,7 +55,7 @@ def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split
 
 def test_cases_measure_what_they_say(small_onnx, test_split):
     model, path = small_onnx
-    x = evaluate.images_to_input(test_split[0][:4])
+    x = contract.to_input(test_split[0][:4])
     ort_row = bench.ort_case(runtime.load_checked(path), "cpu", 4, x, FAST)
     torch_row = bench.torch_case(model, torch.device("cpu"), 4, x, FAST)
     for row in (ort_row, torch_row):
@@ -68,7 +68,7 @@ def test_int8_model_keeps_accuracy(small_onnx, tmp_path, raw_dir, test_split):
     from pipeline import data
     _, path = small_onnx
     train_x, _ = data.load_split(raw_dir, "train")
-    bench.quantize_int8(path, tmp_path / "int8.onnx", evaluate.images_to_input(train_x[:128]))
+    bench.quantize_int8(path, tmp_path / "int8.onnx", contract.to_input(train_x[:128]))
     q = runtime.load_checked(tmp_path / "int8.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     # As onnxruntime runs it, the network stays in integers from the input's quantisation to
@@ -96,7 +96,7 @@ def test_bad_bench_params_are_refused():
 
 def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
     model, path = small_onnx
-    x = evaluate.images_to_input(test_split[0][:4])
+    x = contract.to_input(test_split[0][:4])
     models = {"fp32": runtime.load_checked(path)}
     cases = [("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")]
     order = []

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline import evaluate
+from pipeline import contract, evaluate
 
 
 def test_confusion_and_summary_on_known_predictions():
@@ -18,6 +18,6 @@ def test_softmax_rows_sum_to_one_and_survive_large_logits():
     assert np.allclose(p.sum(1), 1) and p[0, 0] == 1.0 and p[1, 0] == 0.5
 
 
-def test_images_to_input():
-    x = evaluate.images_to_input(np.full((2, 28, 28), 255, dtype=np.uint8))
+def test_to_input():
+    x = contract.to_input(np.full((2, 28, 28), 255, dtype=np.uint8))
     assert x.shape == (2, 1, 28, 28) and x.dtype == np.float32 and x.max() == 1.0

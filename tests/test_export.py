@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from pipeline import evaluate, export, runtime
+from pipeline import contract, export, runtime
 from pipeline.model import ModelConfig, Net
 
 
@@ -37,7 +37,7 @@ def test_export_is_self_contained_checked_and_batch_symbolic(exported):
 def test_parity_on_real_digits(exported, test_split):
     model, path = exported
     session = runtime.open_session(runtime.load_checked(path), "cpu")
-    x = evaluate.images_to_input(test_split[0][:300])
+    x = contract.to_input(test_split[0][:300])
     report = export.parity(model, session, x, atol=1e-3)
     assert report["parity_argmax_agreement"] == 1.0
     assert report["parity_max_abs_diff"] < 1e-4
@@ -53,7 +53,7 @@ def test_parity_catches_a_graph_that_differs(exported, test_split):
     with torch.no_grad():
         other.fc1.bias += 0.05  # what a subtly wrong export would look like
     with pytest.raises(export.ParityError, match="disagree on 100 test images"):
-        export.parity(other, session, evaluate.images_to_input(test_split[0][:100]), atol=1e-3)
+        export.parity(other, session, contract.to_input(test_split[0][:100]), atol=1e-3)
 
 
 def test_truncated_and_foreign_files_are_refused(exported, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.load import SpawnedServer
-from pipeline import evaluate, runtime, serve
+from pipeline import contract, evaluate, runtime, serve
 from tests.conftest import REPO
 
 NAME = "mnist"
@@ -81,7 +81,7 @@ def test_the_server_process_never_loads_torch(server):
 
 def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_images(server, served_model, test_split):
     images, labels = test_split
-    x = evaluate.images_to_input(images)
+    x = contract.to_input(images)
     logits = []
     for start in range(0, len(x), 64):
         status, r, _ = call(server.url, "POST", INFER, infer_body(x[start:start + 64], id=str(start)))
@@ -97,7 +97,7 @@ def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_imag
 
 def test_binary_tensor_extension_round_trip_matches_json(server, test_split):
     from benchmarks.load import infer_bodies, read_logits
-    x = evaluate.images_to_input(test_split[0][:5])
+    x = contract.to_input(test_split[0][:5])
     status, r, _ = call(server.url, "POST", INFER, infer_body(x))
     as_json = np.array(r["outputs"][0]["data"], np.float32).reshape(5, 10)
     raw = x.astype("<f4").tobytes()

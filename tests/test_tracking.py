@@ -201,7 +201,7 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_run(workdir):
 def test_git_dirty_ignores_the_stages_own_outputs(tmp_path, monkeypatch):
     """DVC deletes a stage's git-tracked outputs before running it, so every run was tagged
     dirty on a clean tree."""
-    from stages._tracking import git_tags
+    from tracking.provenance import git_tags
 
     for args in (["init", "-q"], ["config", "user.email", "t@localhost"], ["config", "user.name", "t"]):
         subprocess.run(["git", *args], cwd=tmp_path, check=True)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from pipeline import evaluate, export, runtime, shapes, verify
+from pipeline import contract, export, runtime, shapes, verify
 from pipeline.model import ModelConfig, Net
 
 
@@ -27,7 +27,7 @@ def default_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def x(test_split):
-    return evaluate.images_to_input(test_split[0][:3])
+    return contract.to_input(test_split[0][:3])
 
 
 def test_default_model_matches_the_tutorial_table(default_model, x):

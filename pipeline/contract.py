@@ -1,0 +1,35 @@
+"""The model's contract, written once: what goes in, what comes out, what it is called.
+
+Input: float32 ``[N, 1, 28, 28]`` named ``image``, pixels in [0, 1], white digit on black
+(MNIST as published, divided by 255). Output: float32 ``[N, 10]`` logits named ``logits``,
+one per class ``0``..``9``. The registered name (``registry.model_name``) is also the
+model's name in the v2 inference API and in the Triton repository.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.params import require
+
+SIDE = 28  # MNIST images are 28x28 pixels, one channel
+CLASSES = 10
+LABELS = tuple(str(d) for d in range(CLASSES))
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+DEFAULT_MODEL = Path("models/model.onnx")  # what the commands load when not told (dvc.yaml's export out)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "mnist-cnn-onnx"  # the registered model; its name in the v2 API and in Triton
+
+    def __post_init__(self) -> None:
+        require(bool(self.model_name.strip()) and "/" not in self.model_name, "registry.model_name",
+                self.model_name, "a non-empty name without '/'")
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, 28, 28), 0..255 -> the model's input, float32 (N, 1, 28, 28) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[:, None, :, :]

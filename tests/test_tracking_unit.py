@@ -1,0 +1,128 @@
+"""The tracking package on its own: a sqlite store in a temporary folder, and a dead one.
+
+(tests/test_tracking.py drives the train stage against a real `mlflow server`; these test
+the pieces: operations, the spool and its replay, the tracker's offline switch.)
+"""
+from __future__ import annotations
+
+import json
+import socket
+import stat
+
+import pytest
+
+from tracking import ops, spool, store
+from tracking.run import Tracker, note_opened_run, opened_run
+
+
+@pytest.fixture
+def sqlite(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_SPOOL_DIR", str(tmp_path / "spool"))
+    return uri
+
+
+@pytest.fixture
+def dead(tmp_path, monkeypatch):
+    """A tracking URI where nothing listens (a port taken, then freed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    return f"http://127.0.0.1:{port}"
+
+
+def history(key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in store.client().get_metric_history(tracker_id(key), "loss"))
+
+
+def tracker_id(key: str) -> str:
+    return spool.ids().get(key, key)
+
+
+def test_a_run_gets_params_metrics_and_tags(sqlite):
+    t = Tracker.start("exp-1", {"train.lr": 0.004}, {"git_commit": "abc"})
+    t.log_metrics({"loss": 0.5, "ok": True, "name": "not a number"}, step=1)
+    run = store.client().get_run(t.run_id)
+    assert run.info.run_name == "exp-1" and run.data.params == {"train.lr": "0.004"}
+    assert run.data.tags["git_commit"] == "abc"
+    assert run.data.metrics == {"loss": 0.5, "ok": 1.0}  # a bool is 1.0; a string is not a metric
+
+
+def test_a_dead_store_spools_everything_in_order_and_replay_restores_it(dead, tmp_path, monkeypatch):
+    t = Tracker.start(None, {"a": 1}, {})
+    assert t.key.startswith(spool.PENDING) and t.run_id is None and t.connection.offline
+    for step in (1, 2, 3):
+        t.log_metrics({"loss": 1.0 / step}, step=step)
+    artifact = tmp_path / "report.md"
+    artifact.write_text("v1")
+    t.log_artifact(artifact, "verify")
+    artifact.write_text("v2, changed after logging")  # the spool kept the bytes as logged
+    lines = (store.spool_dir() / f"{t.key}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["op"] for line in lines] == ["create_run", "log_batch", "log_batch", "log_batch",
+                                                           "log_batch", "log_artifact"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store is back
+    done, complete = spool.replay(log=lambda line: None)
+    assert complete and done == {t.key: 6} and spool.pending_keys() == []
+    run_id = spool.ids()[t.key]
+    assert Tracker(t.key).run_id == run_id  # the pending key now names the real run
+    assert history(t.key) == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    local = store.client().download_artifacts(run_id, "verify/report.md", str(tmp_path / "dl"))
+    assert open(local).read() == "v1"
+    assert not (store.spool_dir() / "files").exists() or not any((store.spool_dir() / "files").iterdir())
+
+
+def test_after_one_failure_a_tracker_stops_calling_mlflow(dead, monkeypatch):
+    t = Tracker.start(None, {}, {})
+    calls = []
+    monkeypatch.setattr(ops, "apply", lambda op, run_id: calls.append(op))
+    t.log_metrics({"loss": 1.0}, step=1)
+    assert calls == []  # spooled at once: a dead server costs one timeout, not one per call
+    fresh = Tracker(t.key)  # another stage's tracker has its own connection ...
+    assert not fresh.connection.offline  # ... no process-wide switch left behind
+
+
+def test_a_replay_that_fails_midway_applies_nothing_twice(sqlite, monkeypatch):
+    t = Tracker.start(None, {}, {})
+    t.connection.offline = True  # as after a failure: everything goes to the spool
+    for step in (1, 2, 3):
+        t.log_metrics({"loss": float(step)}, step=step)
+    real_apply, seen = ops.apply, []
+
+    def flaky(op, run_id):
+        seen.append(op)
+        if len(seen) == 2:
+            raise ConnectionError("store went away")
+        return real_apply(op, run_id)
+    monkeypatch.setattr(ops, "apply", flaky)
+    done, complete = spool.replay(log=lambda line: None)
+    assert not complete and done == {t.key: 1}
+    monkeypatch.setattr(ops, "apply", real_apply)
+    assert spool.replay(log=lambda line: None) == ({t.key: 2}, True)
+    assert history(t.key) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_no_tracking_without_a_run_id(tmp_path, sqlite):
+    t = Tracker.resume(tmp_path / "absent")
+    assert t.key is None
+    t.log_metrics({"loss": 1.0})  # nothing happens, nothing fails
+    assert spool.pending_keys() == []
+
+
+def test_the_spool_and_the_run_note_are_readable_files(sqlite, tmp_path):
+    note = tmp_path / "train.ckpt.run"
+    note_opened_run(note, "fp", "run-1")
+    assert opened_run(note, "fp") == "run-1"
+    assert opened_run(note, "another run's fingerprint") is None
+    note.write_text("{not json")
+    assert opened_run(note, "fp") is None
+    assert stat.S_IMODE(note.stat().st_mode) & 0o044  # written through pipeline.atomic: not 0600
+
+
+def test_unknown_operations_are_refused():
+    with pytest.raises(ValueError, match="unknown tracking operation 'drop_table'"):
+        ops.apply({"op": "drop_table"}, "run")

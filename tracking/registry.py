@@ -1,0 +1,50 @@
+"""The ONNX model in the run and in MLflow's model registry.
+
+Every export logs the model (ONNX flavour, signature, input example) and registers it as a
+new version of ``registry.model_name``, with the alias ``candidate`` moved to it;
+``stages.promote`` moves ``champion``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from tracking import store
+from tracking.provenance import package_version
+
+CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: newest export, promoted one
+
+
+def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_name: str | None,
+                   version_tags: dict[str, str]) -> None:
+    """Log the ONNX file to the run; with a registered name, a new version with the alias
+    ``candidate``. ``example_file`` holds the input example and the model's output on it
+    (the export stage computed both): the file is not loaded, checked or run again here."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    with np.load(example_file) as arrays:
+        example, output = arrays["input"], arrays["output"]
+    proto = onnx.load(model_path)
+    store.client()  # the store's URI and HTTP settings
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.onnx.log_model(
+            proto, name="onnx-model", signature=infer_signature(example, output), input_example=example,
+            save_as_external_data=False,
+            pip_requirements=[f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}", f"onnx=={onnx.__version__}",
+                              "numpy"])
+    if registered_name:
+        registered = mlflow.register_model(info.model_uri, registered_name, tags=version_tags)
+        mlflow.MlflowClient().set_registered_model_alias(registered_name, CANDIDATE, registered.version)
+        print(f"registered {registered_name} version {registered.version} (alias '{CANDIDATE}')")
+
+
+def tag_model_versions(mlflow_client: Any, run_id: str, tags: dict[str, str]) -> None:
+    """Add ``tags`` to every registered model version made from ``run_id``."""
+    for mv in mlflow_client.search_model_versions(f"run_id='{run_id}'"):
+        for k, v in tags.items():
+            mlflow_client.set_model_version_tag(mv.name, mv.version, k, v)
