@@ -22,8 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import contract  # numpy only; never torch
+from tests.helpers import SpawnedServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,53 +42,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-class SpawnedServer:
-    """python -m stages.serve on a free port; stopped with SIGTERM (graceful) on exit."""
-
-    def __init__(self, model: Path, *flags: str, timeout_s: float = 60):
-        self.proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(model), "--port", "0",
-                                      *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        deadline = time.monotonic() + timeout_s
-        self.url = None
-        assert self.proc.stderr is not None  # stderr=PIPE
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError("the server exited before it was ready:\n" + "".join(self.log))
-            self.log.append(line)
-            if m := re.search(r"listening on (http://\S+)", line):
-                self.url = m.group(1)
-            if line.startswith("serve: ready"):
-                break
-        else:
-            raise RuntimeError("the server did not become ready in time:\n" + "".join(self.log))
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def wait(self, timeout: float) -> int:
-        """The exit code, once the process has ended and its last words are in ``log``."""
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return code
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.wait(timeout=60)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.stop()
 
 
 def infer_bodies(data_dir: Path | None, count: int, per_request: int = 1,

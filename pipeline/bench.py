@@ -40,8 +40,6 @@ class BenchConfig:
     min_seconds: float = 1.0  # ... and for at least this long
     max_runs: int = 2000
     threads: int = 0  # 0 = one per core, for every path alike
-    int8: bool = True  # also benchmark a statically quantised INT8 model on CPU
-    calibration_images: int = 512  # training images used to calibrate INT8 ranges
 
     def __post_init__(self) -> None:
         require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes), "benchmark.batch_sizes",
@@ -52,8 +50,6 @@ class BenchConfig:
         require(self.min_runs >= 1, "benchmark.min_runs", self.min_runs, "a whole number >= 1")
         require(self.max_runs >= self.min_runs, "benchmark.max_runs", self.max_runs, "at least min_runs")
         require(self.min_seconds >= 0, "benchmark.min_seconds", self.min_seconds, "a number of seconds >= 0")
-        require(self.calibration_images >= 1, "benchmark.calibration_images", self.calibration_images,
-                "a whole number >= 1")
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -73,7 +69,7 @@ def time_calls(fn: Callable[[], object], warmup: int, min_runs: int, min_seconds
     return times
 
 
-def summarize(times: list[float], batch: int) -> dict[str, float]:
+def latency_stats(times: list[float], batch: int) -> dict[str, float]:
     """Latency percentiles (ms) and throughput (images/s) of per-call times in seconds."""
     t = np.asarray(times, dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
@@ -111,7 +107,7 @@ def ort_case(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.nd
     times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
     row = {"path": f"onnxruntime-{session.label}", "provider": session.label, "precision": precision,
            "batch": batch, "providers_used": ",".join(session.providers), "note": session.note,
-           **summarize(times, batch), "rss_growth_mb": rss_mb() - rss0}
+           **latency_stats(times, batch), "rss_growth_mb": rss_mb() - rss0}
     if gpu_mem is not None:
         row["gpu_mem_mb"] = gpu_mem()
     return row
@@ -153,14 +149,15 @@ def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.n
             torch.cuda.synchronize(device)
     times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
     row = {"path": f"pytorch-{device.type}", "provider": device.type, "precision": "fp32", "batch": batch,
-           "providers_used": f"torch {torch.__version__}", "note": "", **summarize(times, batch),
+           "providers_used": f"torch {torch.__version__}", "note": "", **latency_stats(times, batch),
            "rss_growth_mb": rss_mb() - rss0}
     if device.type == "cuda":
         row["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
 
 
-def plan(models: dict[str, onnx.ModelProto], cfg: BenchConfig) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+def choose_cases(models: dict[str, onnx.ModelProto],
+                 cfg: BenchConfig) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """The cases to run: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
     (and PyTorch CUDA) only where it really runs; and, per GPU provider asked for, 'ran' or why not."""
     cases = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
@@ -234,32 +231,6 @@ def table(rows: list[dict]) -> str:
                      f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
                      f"{r['providers_used']}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ INT8
-
-
-def quantize_int8(model_path: Path, out_path: Path, calibration: np.ndarray) -> None:
-    """Static QDQ quantisation (per-channel INT8 weights, UINT8 activations), calibrated on
-    ``calibration`` (float32 N,1,28,28 training images). reduce_range keeps weights to 7 bits,
-    which avoids the saturation of U8S8 products on CPUs without VNNI (AVX2)."""
-    from onnxruntime import quantization as q
-
-    class Reader(q.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": calibration[i:i + 64]} for i in range(0, len(calibration), 64)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        q.quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=False)
-        q.quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
-                          weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
-        from pipeline import atomic
-        atomic.write_bytes(out_path, (Path(tmp) / "int8.onnx").read_bytes())
 
 
 # ------------------------------------------------------------------------------ the machine

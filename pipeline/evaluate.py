@@ -37,7 +37,7 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
     return cm
 
 
-def summarize(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+def accuracy_report(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     pred = logits.argmax(1)
     cm = confusion_matrix(labels, pred)
     support = cm.sum(axis=1)

@@ -21,6 +21,7 @@ How it stays fast and safe:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http
 import http.server
@@ -210,7 +211,18 @@ class Service:
         return self.batcher(x)
 
 
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+_MODEL = r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+# Every endpoint: (path, {method: the Handler method that answers it}). GET also answers HEAD.
+ROUTES: list[tuple[re.Pattern, dict[str, str]]] = [
+    (re.compile(r"^/(index\.html)?$"), {"GET": "_page"}),
+    (re.compile(r"^/v2/health/live$"), {"GET": "_live"}),
+    (re.compile(r"^/v2/health/ready$"), {"GET": "_ready"}),
+    (re.compile(r"^/v2$"), {"GET": "_server_metadata"}),
+    (re.compile(_MODEL + r"$"), {"GET": "_model_metadata"}),
+    (re.compile(_MODEL + r"/ready$"), {"GET": "_model_ready"}),
+    (re.compile(_MODEL + r"/infer$"), {"POST": "_infer"}),
+    (re.compile(r"^/digit$"), {"POST": "_digit"}),
+]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -297,45 +309,52 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return None
         return body
 
-    # -- routes ---------------------------------------------------------------------------
+    # -- routes: ROUTES (above) maps each path and method to one of these -----------------
     def do_HEAD(self) -> None:
-        self.do_GET()
+        self._dispatch("GET")
 
     def do_GET(self) -> None:
-        svc = self.server.service
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            return self._send(200, svc.page, "text/html; charset=utf-8")
-        if path == "/v2/health/live":
-            return self._json(200, {"live": True})
-        if path == "/v2/health/ready":
-            ready = svc.ready.is_set() and not svc.draining.is_set()
-            return self._json(200 if ready else 503, {"ready": ready})
-        if path == "/v2":
-            return self._json(200, {"name": "mnist-onnx-serve", "version": "1",
-                                    "extensions": ["model_repository_readonly"]})
-        match = _MODEL_PATH.match(path)
-        if match and match["rest"] != "/infer":
-            if not self._known_model(match, close=False):
-                return None
-            if match["rest"] == "/ready":
-                ready = svc.ready.is_set()
-                return self._json(200 if ready else 503, {"name": svc.name, "ready": ready})
-            return self._json(200, svc.spec.metadata())
-        if match or path == "/digit":
-            return self._error(405, f"{path} takes POST", headers={"Allow": "POST"})
-        return self._error(404, f"no such endpoint: {path}")
+        self._dispatch("GET")
 
     def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
-        match = _MODEL_PATH.match(path)
-        if path == "/digit":
-            return self._guarded(self._digit)
-        if match and match["rest"] == "/infer":
-            return self._guarded(lambda: self._infer(match))
-        if match:
-            return self._error(405, f"{path} takes GET", headers={"Allow": "GET"}, close=True)
-        return self._error(404, f"no such endpoint: {path}", close=True)
+        close = method == "POST"  # a body we will not read must not be taken for the next request
+        for pattern, handlers in ROUTES:
+            if match := pattern.match(path):
+                if method not in handlers:
+                    allowed = ", ".join(handlers)
+                    return self._error(405, f"{path} takes {allowed}", headers={"Allow": allowed}, close=close)
+                handler = getattr(self, handlers[method])
+                if method == "POST":  # inference: admission control around it
+                    return self._guarded(functools.partial(handler, match))
+                return handler(match)
+        return self._error(404, f"no such endpoint: {path}", close=close)
+
+    def _page(self, match: re.Match) -> None:
+        self._send(200, self.server.service.page, "text/html; charset=utf-8")
+
+    def _live(self, match: re.Match) -> None:
+        self._json(200, {"live": True})
+
+    def _ready(self, match: re.Match) -> None:
+        svc = self.server.service
+        ready = svc.ready.is_set() and not svc.draining.is_set()
+        self._json(200 if ready else 503, {"ready": ready})
+
+    def _server_metadata(self, match: re.Match) -> None:
+        self._json(200, {"name": "mnist-onnx-serve", "version": "1", "extensions": ["model_repository_readonly"]})
+
+    def _model_metadata(self, match: re.Match) -> None:
+        if self._known_model(match, close=False):
+            self._json(200, self.server.service.spec.metadata())
+
+    def _model_ready(self, match: re.Match) -> None:
+        svc = self.server.service
+        if self._known_model(match, close=False):
+            self._json(200 if svc.ready.is_set() else 503, {"name": svc.name, "ready": svc.ready.is_set()})
 
     def _guarded(self, handle: Callable[[], None]) -> None:
         """Admission control around one inference request."""
@@ -390,7 +409,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, answer, "application/octet-stream",
                    headers={"Inference-Header-Content-Length": str(json_length)})
 
-    def _digit(self) -> None:
+    def _digit(self, match: re.Match) -> None:
         body = self._read_body()
         if body is None:
             return

@@ -47,7 +47,7 @@ def main() -> None:
     bcfg = params.parse(bench.BenchConfig, all_params["benchmark"], "benchmark")
     if args.tiny:
         cfg = train.TrainConfig(**{**cfg.__dict__, "epochs": 1, "subset": 1024, "checkpoint_every": 0})
-        bcfg = bench.BenchConfig(batch_sizes=(1, 16), warmup=1, min_runs=3, min_seconds=0.0, int8=False)
+        bcfg = bench.BenchConfig(batch_sizes=(1, 16), warmup=1, min_runs=3, min_seconds=0.0)
     result: dict = {"hardware": bench.hardware(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                     "train_config": cfg.__dict__, "tiny": args.tiny}
     log(json.dumps(result["hardware"]))
@@ -93,14 +93,14 @@ def main() -> None:
                                      contract.to_input(images[:1000]), 1e-3)
     for provider in ("cpu", "cuda"):
         s = runtime.open_session(proto, provider)
-        acc = evaluate.summarize(labels, evaluate.predict_logits(s, images, 1000))["accuracy"]
+        acc = evaluate.accuracy_report(labels, evaluate.predict_logits(s, images, 1000))["accuracy"]
         result[f"ort_accuracy_{s.label}"] = acc
         log(f"onnxruntime asked {provider}, ran {s.providers}: accuracy {acc:.4f} {s.note}")
 
     # --- the benchmark sweep
     x_in = contract.to_input(images[:max(bcfg.batch_sizes)])
     models = {"fp32": proto}
-    cases, status = bench.plan(models, bcfg)
+    cases, status = bench.choose_cases(models, bcfg)
     rows = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda name: log(f"  {name}"))
     result.update(status)
     result["benchmark"] = rows

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the test suite: pytest [ARGS...].
+# Set up (scripts/setup.sh), lint (ruff) and type-check (mypy), then run the test suite: pytest [ARGS...].
 # The tests download MNIST from a local mirror: $MNIST_MIRROR, else ../shared/mnist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +17,7 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     fi
 fi
 source .venv/bin/activate
+echo "test: ruff check"; ruff check .
+echo "test: mypy"; mypy
 export MNIST_MIRROR=${MNIST_MIRROR:-$(cd .. && pwd)/shared/mnist}
 python -m pytest "$@"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, bench, contract, data, evaluate, figures, runtime
+from pipeline import atomic, bench, contract, data, figures, runtime
 from pipeline.model import ModelConfig, Net
 from stages import _cli
 from tracking.run import Tracker
@@ -25,21 +25,13 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     fp32 = runtime.load_checked(args.model)
     net = Net.from_weights(model_cfg, args.weights)
-    test_x, test_y = data.load_split(args.data, "test")
+    test_x, _ = data.load_split(args.data, "test")
     x = contract.to_input(test_x[:max(cfg.batch_sizes)])
 
-    models = {"fp32": fp32}
+    models = {"fp32": fp32, "int8": runtime.load_checked(args.int8)}  # the quantize stage made INT8
     summary: dict = {"hardware": bench.hardware()}
-    if cfg.int8:
-        train_x, _ = data.load_split(args.data, "train")
-        bench.quantize_int8(args.model, args.int8, contract.to_input(train_x[:cfg.calibration_images]))
-        models["int8"] = runtime.load_checked(args.int8)
-        for name, proto in models.items():
-            session = runtime.open_session(proto, "cpu", cfg.threads)
-            logits = evaluate.predict_logits(session, test_x, 1000)
-            summary[f"{name}_accuracy"] = evaluate.summarize(test_y, logits)["accuracy"]
 
-    cases, status = bench.plan(models, cfg)
+    cases, status = bench.choose_cases(models, cfg)
     with tqdm(total=len(cases) * len(cfg.batch_sizes), desc="benchmark", unit="case") as bar:
         def on_case(name: str) -> None:
             bar.set_postfix_str(name)
@@ -85,7 +77,7 @@ if __name__ == "__main__":
     parser.add_argument("--weights", type=Path, required=True, help="the trained state_dict, for PyTorch")
     parser.add_argument("--data", type=Path, required=True, help="folder of the IDX files")
     parser.add_argument("--run-id", type=Path, required=True, help="file holding the MLflow run id")
-    parser.add_argument("--int8", type=Path, required=True, help="out: the INT8 model")
+    parser.add_argument("--int8", type=Path, required=True, help="the INT8 model (quantize stage)")
     parser.add_argument("--metrics", type=Path, required=True, help="out: results (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="out: results (CSV, DVC plot)")
     parser.add_argument("--lock", type=Path, required=True, help="dvc.lock, logged to the MLflow run")

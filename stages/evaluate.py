@@ -15,7 +15,7 @@ def main(args: argparse.Namespace) -> None:
     images, labels = data.load_split(args.data, "test")
     session = runtime.open_session(runtime.load_checked(args.model), "cpu")
     logits = evaluate.predict_logits(session, images, cfg.batch_size)
-    report = {**evaluate.summarize(labels, logits), "provider": session.label}
+    report = {**evaluate.accuracy_report(labels, logits), "provider": session.label}
     predicted = logits.argmax(1)
     confidence = evaluate.softmax(logits).max(1)
 

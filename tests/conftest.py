@@ -80,6 +80,19 @@ def served_model(raw_dir, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    """An untrained small network exported to ONNX: (the torch model, the .onnx path)."""
+    from pipeline import export
+    from pipeline.model import ModelConfig, Net
+
+    torch.manual_seed(0)
+    model = Net(ModelConfig(channels=(8, 16), fc_units=64)).eval()
+    path = tmp_path_factory.mktemp("b") / "m.onnx"
+    export.export_onnx(model, path, export.ExportConfig())
+    return model, path
+
+
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 

@@ -1,15 +1,13 @@
 import numpy as np
-import onnx
 import pytest
 import torch
 
-from pipeline import bench, contract, evaluate, export, runtime
-from pipeline.model import ModelConfig, Net
+from pipeline import bench, contract, runtime
 
 
-def test_summarize_known_timings():
+def test_latency_stats_of_known_timings():
     times = [0.001] * 98 + [0.010, 0.020]  # 100 calls of batch 8
-    s = bench.summarize(times, batch=8)
+    s = bench.latency_stats(times, batch=8)
     assert s["p50_ms"] == pytest.approx(1.0)
     assert s["p90_ms"] == pytest.approx(1.0)
     assert s["p99_ms"] == pytest.approx(10.1)  # linear between the 99th and 100th values
@@ -28,15 +26,6 @@ def test_time_calls_obeys_warmup_min_runs_and_budget():
     times = bench.time_calls(lambda: None, 0, 1, min_seconds=10.0, max_runs=1000, clock=clock)
     assert 5 <= len(times) <= 12  # stopped by the 10 s budget, not max_runs
     assert len(bench.time_calls(lambda: None, 0, 1, 1e9, 7)) == 7  # max_runs caps it
-
-
-@pytest.fixture(scope="module")
-def small_onnx(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Net(ModelConfig(channels=(8, 16), fc_units=64)).eval()
-    path = tmp_path_factory.mktemp("b") / "m.onnx"
-    export.export_onnx(model, path, export.ExportConfig())
-    return model, path
 
 
 FAST = bench.BenchConfig(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0.0)
@@ -62,28 +51,6 @@ def test_cases_measure_what_they_say(small_onnx, test_split):
         assert row["batch"] == 4 and row["runs"] >= 3 and row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_s"] > 0
     assert torch_row["path"] == "pytorch-cpu"
-
-
-def test_int8_model_keeps_accuracy(small_onnx, tmp_path, raw_dir, test_split):
-    from pipeline import data
-    _, path = small_onnx
-    train_x, _ = data.load_split(raw_dir, "train")
-    bench.quantize_int8(path, tmp_path / "int8.onnx", contract.to_input(train_x[:128]))
-    q = runtime.load_checked(tmp_path / "int8.onnx")
-    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
-    # As onnxruntime runs it, the network stays in integers from the input's quantisation to
-    # the logits' dequantisation: no float pooling between the layers (see Net's two orders).
-    import onnxruntime as ort
-    options = runtime.session_options()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
-    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
-    assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 2 and "MaxPool" not in ops, ops
-    x = test_split[0][:500]
-    fp = evaluate.predict_logits(runtime.open_session(runtime.load_checked(path)), x, 500).argmax(1)
-    i8 = evaluate.predict_logits(runtime.open_session(q), x, 500).argmax(1)
-    assert (fp == i8).mean() > 0.95  # an untrained net's predictions, mostly kept by INT8
 
 
 def test_bad_bench_params_are_refused():

@@ -10,8 +10,8 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from benchmarks.load import SpawnedServer
 from pipeline import digits, evaluate, runtime
+from tests.helpers import SpawnedServer
 
 
 @pytest.fixture(scope="module")

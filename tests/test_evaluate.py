@@ -8,7 +8,7 @@ def test_confusion_and_summary_on_known_predictions():
     logits = np.eye(10)[[0, 1, 2, 1, 3]] * 5.0  # one '2' taken for a '1'
     cm = evaluate.confusion_matrix(labels, logits.argmax(1))
     assert cm[2, 1] == 1 and cm.trace() == 4 and cm.sum() == 5
-    s = evaluate.summarize(labels, logits)
+    s = evaluate.accuracy_report(labels, logits)
     assert s["accuracy"] == 0.8 and s["errors"] == 1 and s["worst_class"] == 2
     assert s["worst_class_accuracy"] == 0.5
 

@@ -20,8 +20,8 @@ SMALL = {
     "train": {"epochs": 1, "subset": 2000, "batch_size": 50},
     "model": {"channels": [8, 16], "fc_units": 64},
     "export": {"parity_images": 200},
-    "benchmark": {"batch_sizes": [1, 16], "warmup": 1, "min_runs": 3, "min_seconds": 0.0,
-                  "calibration_images": 64},
+    "benchmark": {"batch_sizes": [1, 16], "warmup": 1, "min_runs": 3, "min_seconds": 0.0},
+    "quantize": {"calibration_images": 64},
 }
 
 
@@ -124,7 +124,7 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
 
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.test_tracking import free_port, mlflow_server
+    from tests.helpers import free_port, mlflow_server
 
     root, env, _ = repo
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)

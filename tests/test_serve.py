@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.load import SpawnedServer
 from pipeline import contract, evaluate, runtime, serve
 from tests.conftest import REPO
+from tests.helpers import SpawnedServer
 
 NAME = "mnist"
 INFER = f"/v2/models/{NAME}/infer"
@@ -91,7 +91,7 @@ def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_imag
     served = np.concatenate(logits)
     direct = evaluate.predict_logits(runtime.open_session(runtime.load_checked(served_model)), images, 1000)
     assert served.shape == (10000, 10)
-    assert evaluate.summarize(labels, served)["accuracy"] == evaluate.summarize(labels, direct)["accuracy"]
+    assert evaluate.accuracy_report(labels, served)["accuracy"] == evaluate.accuracy_report(labels, direct)["accuracy"]
     assert np.abs(served - direct).max() < 1e-4
 
 

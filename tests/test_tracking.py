@@ -10,53 +10,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.helpers import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 EPOCH_METRICS = ("loss", "train_acc", "test_acc", "test_loss", "images_per_s", "seconds")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(db: Path, port: int):
-    """`mlflow server` on a sqlite file; killed with SIGKILL (the whole process group) on exit."""
-    log = open(db.with_suffix(f".{port}.log"), "a")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=db.parent, stdout=log, stderr=log, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + db.with_suffix(f".{port}.log").read_text()) from None
-                time.sleep(0.3)
-        yield proc
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ the pieces: operations, the spool and its replay, the tracker's offline switch.)
 from __future__ import annotations
 
 import json
-import socket
 import stat
 
 import pytest
 
+from tests.helpers import free_port
 from tracking import ops, spool, store
 from tracking.run import Tracker, note_opened_run, opened_run
 
@@ -26,9 +26,7 @@ def sqlite(tmp_path, monkeypatch):
 @pytest.fixture
 def dead(tmp_path, monkeypatch):
     """A tracking URI where nothing listens (a port taken, then freed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
