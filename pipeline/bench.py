@@ -1,9 +1,14 @@
 """Inference benchmark: onnxruntime per execution provider, and PyTorch eager beside it.
 
-Each case is one (path, batch size): warm up, then time single calls until both a minimum
-number of runs and a minimum time are reached. Latency percentiles come from the per-call
-times; throughput is images divided by the summed time of the timed calls. Labels come
-from what ran (``session.get_providers()``), never from what was asked for.
+For each batch size, every path is prepared and warmed up, then timed in interleaved rounds
+(A, B, C, A, B, C, ...), each round a short burst of calls per path, so that outside load
+lands on all of them alike. Latency percentiles come from the per-call times; throughput is
+images divided by the summed time of the timed calls; each row's uncertainty is the
+interquartile range of its per-round medians. Ratios between paths are taken round by round
+(the median of per-round ratios, with their interquartile range), never from two separate
+blocks of time. A row whose rounds disagree beyond ``max_spread`` is measured longer, and
+flagged ``stable: false`` if that does not settle it. Labels come from what ran
+(``session.get_providers()``), never from what was asked for.
 
 Fairness: every path gets the same input, the same thread count, and its fast settings:
 onnxruntime with full graph optimisation and intra-op threads = cores; on CUDA, inputs
@@ -14,14 +19,15 @@ threads, in the channels-last layout that its oneDNN/cuDNN convolutions prefer.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import onnx
@@ -36,9 +42,14 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256, 1024)
     providers: tuple[Literal["cpu", "cuda", "tensorrt"], ...] = ("cpu", "cuda", "tensorrt")
     warmup: int = 5  # untimed calls first: allocations, kernel choice, caches
-    min_runs: int = 20  # timed calls per case, at least ...
-    min_seconds: float = 1.0  # ... and for at least this long
+    min_runs: int = 20  # timed calls per path and batch size, at least ...
+    min_seconds: float = 1.0  # ... and this long per path, spread over the rounds
     max_runs: int = 2000
+    min_rounds: int = 9  # rounds of A, B, C, ...; each ratio is the median of this many or more
+    burst_ms: float = 25.0  # how long one path's burst in a round lasts (at least one call)
+    pause_ms: float = 10.0  # idle after each burst: OpenMP's threads stop spin-waiting and sleep
+    max_spread: float = 0.15  # a row whose per-round medians spread more (IQR / median) is unstable
+    retry_seconds: float = 3.0  # extra rounds for a batch size with an unstable row, before flagging it
     threads: int = 0  # 0 = one per core, for every path alike
 
     def __post_init__(self) -> None:
@@ -50,32 +61,109 @@ class BenchConfig:
         require(self.min_runs >= 1, "benchmark.min_runs", self.min_runs, "a whole number >= 1")
         require(self.max_runs >= self.min_runs, "benchmark.max_runs", self.max_runs, "at least min_runs")
         require(self.min_seconds >= 0, "benchmark.min_seconds", self.min_seconds, "a number of seconds >= 0")
+        require(self.min_rounds >= 3, "benchmark.min_rounds", self.min_rounds,
+                "a whole number >= 3 (a median and quartiles need a few rounds)")
+        require(self.burst_ms > 0, "benchmark.burst_ms", self.burst_ms, "a number of milliseconds > 0")
+        require(self.pause_ms >= 0, "benchmark.pause_ms", self.pause_ms, "a number of milliseconds >= 0")
+        require(self.max_spread > 0, "benchmark.max_spread", self.max_spread, "a fraction > 0, e.g. 0.15")
+        require(self.retry_seconds >= 0, "benchmark.retry_seconds", self.retry_seconds, "a number of seconds >= 0")
 
 
-# ------------------------------------------------------------------------------ statistics
+# ------------------------------------------------------------------------------ measuring
+
+K = TypeVar("K", bound=Hashable)  # what names a path: a string, a (kind, provider, precision) case
 
 
-def time_calls(fn: Callable[[], object], warmup: int, min_runs: int, min_seconds: float,
-               max_runs: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Seconds of each timed call of ``fn`` (after ``warmup`` untimed ones)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
+@dataclass
+class Rounds:
+    """Per-call seconds of one path, round by round: ``times[r]`` is round r's burst."""
+
+    batch: int
+    times: list[list[float]] = field(default_factory=list)
+
+    def medians(self) -> np.ndarray:
+        return np.array([np.median(t) for t in self.times])
+
+    def all(self) -> list[float]:
+        return [t for burst in self.times for t in burst]
+
+    def spread(self) -> float:
+        """Interquartile range of the per-round medians, relative to their median."""
+        q25, q50, q75 = np.percentile(self.medians(), [25, 50, 75])
+        return float((q75 - q25) / q50) if q50 > 0 else 0.0
+
+
+def interleave(calls: dict[K, Callable[[], object]], batch: int, cfg: BenchConfig,
+               clock: Callable[[], float] = time.perf_counter,
+               pause: Callable[[float], None] = time.sleep) -> dict[K, Rounds]:
+    """Time ``calls`` in rounds, A B C A B C ..., each a short burst of calls, so that outside
+    load lands on every path alike and each ratio can be taken round by round.
+
+    After each burst the process idles ``cfg.pause_ms``, long enough for the worker threads
+    of the path that ran (OpenMP's spin for a while) to fall asleep instead of taking the
+    next path's cores: with it, every path measures within a few percent of its speed alone.
+
+    Each path is warmed up, then given a burst size that lasts about ``cfg.burst_ms``. Rounds
+    go on until every path has ``cfg.min_runs`` calls and ``cfg.min_rounds`` rounds, and the
+    rounds have lasted ``cfg.min_seconds`` per path. If a path's per-round medians then spread
+    by more than ``cfg.max_spread``, rounds go on (all paths alike, a measurement stays paired)
+    for up to ``cfg.retry_seconds`` more, and the rows say whether that settled it.
+    """
+    bursts = {}
+    for name, fn in calls.items():
+        for _ in range(max(cfg.warmup, 1)):
+            t0 = clock()
+            fn()
+            once = clock() - t0
+        bursts[name] = max(1, min(cfg.max_runs, round(cfg.burst_ms / 1e3 / max(once, 1e-9))))
+    out = {name: Rounds(batch) for name in calls}
+    order = list(calls)
+
+    def round_() -> None:
+        for name in order:
+            burst = out[name].times
+            times = []
+            for _ in range(bursts[name]):
+                t0 = clock()
+                calls[name]()
+                times.append(clock() - t0)
+            burst.append(times)
+            pause(cfg.pause_ms / 1e3)
+        order.append(order.pop(0))  # who goes first rotates: no path always follows the same one
+
     start = clock()
-    while len(times) < max_runs and (len(times) < min_runs or clock() - start < min_seconds):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return times
+    while (len(out[order[0]].times) < cfg.min_rounds
+           or any(len(r.all()) < cfg.min_runs for r in out.values())
+           or clock() - start < cfg.min_seconds * len(calls)):
+        if all(len(r.all()) >= cfg.max_runs for r in out.values()):
+            break
+        round_()
+    retry_until = clock() + cfg.retry_seconds
+    while any(r.spread() > cfg.max_spread for r in out.values()) and clock() < retry_until:
+        round_()
+    return out
 
 
-def latency_stats(times: list[float], batch: int) -> dict[str, float]:
-    """Latency percentiles (ms) and throughput (images/s) of per-call times in seconds."""
-    t = np.asarray(times, dtype=np.float64)
+def row_stats(rounds: Rounds, cfg: BenchConfig) -> dict:
+    """Percentiles and throughput over every timed call, and the spread of the per-round
+    medians (the row's uncertainty); ``stable`` is False when that spread is over the bound."""
+    t = np.asarray(rounds.all(), dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-            "mean_ms": float(t.mean() * 1e3), "images_per_s": float(batch * len(t) / t.sum()),
-            "runs": int(len(t))}
+    med = rounds.medians() * 1e3
+    q25, q75 = np.percentile(med, [25, 75])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(t.mean() * 1e3),
+            "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
+            "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
+            "spread": rounds.spread(), "stable": rounds.spread() <= cfg.max_spread}
+
+
+def paired_ratio(a: Rounds, b: Rounds) -> dict:
+    """a's per-call time over b's, taken round by round (the two ran seconds apart), as the
+    median of the per-round ratios with their interquartile range."""
+    n = min(len(a.times), len(b.times))
+    per_round = a.medians()[:n] / b.medians()[:n]
+    q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
+    return {"ratio": float(q50), "iqr": [float(q25), float(q75)], "rounds": int(n)}
 
 
 def rss_mb() -> float:
@@ -86,11 +174,18 @@ def rss_mb() -> float:
 
 # ------------------------------------------------------------------------------ the paths
 
+Case = tuple[str, str, str]  # (kind 'ort' or 'torch', provider, precision)
 
-def ort_case(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.ndarray,
-             cfg: BenchConfig, precision: str = "fp32") -> dict:
-    """One onnxruntime case; on CUDA with device-resident I/O and a CUDA graph."""
-    rss0 = rss_mb()
+# onnxruntime's worker threads otherwise spin between runs, on the cores the next path needs:
+# interleaved with it, PyTorch at batch 256 took 83 ms instead of 52. The price, measured alone:
+# 1.16x onnxruntime's batch-1 latency (0.307 vs 0.265 ms), none from batch 64 up.
+QUIET_BETWEEN_RUNS = {"session.force_spinning_stop": "1"}
+
+
+def ort_path(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.ndarray,
+             precision: str = "fp32", threads: int = 0) -> tuple[Callable[[], object], dict]:
+    """One onnxruntime path, ready to call, and what its row says about it; on CUDA with
+    device-resident I/O and a CUDA graph."""
     options = {}
     if provider == "cuda":
         options = {"cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "1"}
@@ -98,22 +193,17 @@ def ort_case(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.nd
         cache = Path(tempfile.gettempdir()) / "mnist-onnx-trt-cache"
         options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
                    "trt_fp16_enable": "False"}
-    session = runtime.open_session(model, provider, cfg.threads, provider_options=options)
+    session = runtime.open_session(model, provider, threads, provider_options=options, config=QUIET_BETWEEN_RUNS)
     xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+    meta: dict = {"path": f"onnxruntime-{session.label}", "provider": session.label, "precision": precision,
+                  "batch": batch, "providers_used": ",".join(session.providers), "note": session.note}
     if session.label in ("cuda", "tensorrt"):
-        call, gpu_mem = _bound_gpu_call(session, xb)
-    else:
-        call, gpu_mem = (lambda: session.run(xb)), None
-    times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
-    row = {"path": f"onnxruntime-{session.label}", "provider": session.label, "precision": precision,
-           "batch": batch, "providers_used": ",".join(session.providers), "note": session.note,
-           **latency_stats(times, batch), "rss_growth_mb": rss_mb() - rss0}
-    if gpu_mem is not None:
-        row["gpu_mem_mb"] = gpu_mem()
-    return row
+        call, meta["gpu_mem_mb"] = _bound_gpu_call(session, xb)
+        return call, meta
+    return functools.partial(session.run, xb), meta
 
 
-def _bound_gpu_call(session: runtime.Session, xb: np.ndarray):
+def _bound_gpu_call(session: runtime.Session, xb: np.ndarray) -> tuple[Callable[[], None], Callable[[], float]]:
     """A call with input and output already on the GPU: the timing excludes host copies."""
     import onnxruntime as ort
     s = session.session
@@ -124,43 +214,40 @@ def _bound_gpu_call(session: runtime.Session, xb: np.ndarray):
     binding.bind_ortvalue_output(s.get_outputs()[0].name, y_dev)
     free0 = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
 
-    def call():
+    def call() -> None:
         s.run_with_iobinding(binding)
         binding.synchronize_outputs()
 
-    def mem():
+    def mem() -> float:
         return (free0 - torch.cuda.mem_get_info()[0]) / 2**20 if free0 is not None else float("nan")
     return call, mem
 
 
-def torch_case(model: torch.nn.Module, device: torch.device, batch: int, x: np.ndarray, cfg: BenchConfig) -> dict:
-    """PyTorch eager on ``device``, same threads, inference mode, channels-last."""
-    rss0 = rss_mb()
+def torch_path(model: torch.nn.Module, device: torch.device, batch: int,
+               x: np.ndarray) -> tuple[Callable[[], object], dict]:
+    """PyTorch eager on ``device``: same threads, inference mode, channels-last."""
     model = model.to(device=device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
     xb = torch.from_numpy(np.resize(x, (batch, *x.shape[1:]))).to(device).contiguous(
         memory_format=torch.channels_last)
+    meta: dict = {"path": f"pytorch-{device.type}", "provider": device.type, "precision": "fp32", "batch": batch,
+                  "providers_used": f"torch {torch.__version__}", "note": ""}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        meta["gpu_mem_mb"] = lambda: torch.cuda.max_memory_allocated(device) / 2**20
 
     @torch.inference_mode()
-    def call():
+    def call() -> None:
         model(xb)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    times = time_calls(call, cfg.warmup, cfg.min_runs, cfg.min_seconds, cfg.max_runs)
-    row = {"path": f"pytorch-{device.type}", "provider": device.type, "precision": "fp32", "batch": batch,
-           "providers_used": f"torch {torch.__version__}", "note": "", **latency_stats(times, batch),
-           "rss_growth_mb": rss_mb() - rss0}
-    if device.type == "cuda":
-        row["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return row
+    return call, meta
 
 
 def choose_cases(models: dict[str, onnx.ModelProto],
-                 cfg: BenchConfig) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+                 cfg: BenchConfig) -> tuple[list[Case], dict[str, str]]:
     """The cases to run: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
     (and PyTorch CUDA) only where it really runs; and, per GPU provider asked for, 'ran' or why not."""
-    cases = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
+    cases: list[Case] = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
     status = {}
     for gpu in [p for p in cfg.providers if p != "cpu"]:
         probe = runtime.open_session(models["fp32"], gpu)
@@ -172,50 +259,62 @@ def choose_cases(models: dict[str, onnx.ModelProto],
     return cases, status
 
 
-def sweep(cases: list[tuple[str, str, str]], models: dict[str, onnx.ModelProto], net: torch.nn.Module,
-          x: np.ndarray, cfg: BenchConfig, on_case: Callable[[str], None] = lambda name: None) -> list[dict]:
-    """Every case at every batch size; ``on_case`` is told each one as it finishes. The cases
-    of one batch size run back to back, so the ratios compare measurements taken within
-    seconds of each other (this machine's speed drifts by 20% over minutes); rows come back
-    grouped by case, in batch order."""
-    rows = {}
+def sweep(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
+          cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None
+          ) -> tuple[list[dict], dict[tuple[str, str, int], Rounds]]:
+    """Every case at every batch size, the cases of one batch size in interleaved rounds.
+    Returns the rows (grouped by case, in batch order) and each row's rounds, keyed by
+    (path, precision, batch), for the paired ratios. ``on_batch`` hears each batch size done."""
+    rows: dict[tuple[Case, int], dict] = {}
+    measured: dict[tuple[str, str, int], Rounds] = {}
     for batch in cfg.batch_sizes:
+        calls, metas = {}, {}
         for case in cases:
             kind, provider, precision = case
-            if kind == "ort":
-                rows[case, batch] = ort_case(models[precision], provider, batch, x, cfg, precision)
-            else:
-                rows[case, batch] = torch_case(net, torch.device(provider), batch, x, cfg)
-            on_case(f"{kind} {provider} {precision} batch {batch}")
-    return [rows[case, batch] for case in cases for batch in cfg.batch_sizes]
+            rss0 = rss_mb()
+            calls[case], metas[case] = (
+                ort_path(models[precision], provider, batch, x, precision, cfg.threads) if kind == "ort"
+                else torch_path(net, torch.device(provider), batch, x))
+            calls[case]()  # the first call allocates: count it in the path's memory
+            metas[case]["rss_growth_mb"] = rss_mb() - rss0
+        rounds = interleave(calls, batch, cfg)
+        for case in cases:
+            meta = metas[case]
+            gpu_mem = meta.pop("gpu_mem_mb", None)
+            rows[case, batch] = {**meta, **row_stats(rounds[case], cfg),
+                                 **({"gpu_mem_mb": gpu_mem()} if gpu_mem else {})}
+            measured[meta["path"], meta["precision"], batch] = rounds[case]
+        on_batch(batch)
+    return [rows[case, batch] for case in cases for batch in cfg.batch_sizes], measured
 
 
 # ------------------------------------------------------------------------------ reporting
 
 
-def ratios(rows: list[dict], cfg: BenchConfig) -> dict[str, float]:
-    """The side-by-side ratios, measured in this one run."""
-    def get(path, precision, batch, key):
-        for r in rows:
-            if r["path"] == path and r["precision"] == precision and r["batch"] == batch:
-                return r[key]
-        return None
-    out = {}
+def ratios(rows: list[dict], rounds: dict[tuple[str, str, int], Rounds], cfg: BenchConfig) -> dict:
+    """The side-by-side ratios, each from rounds measured seconds apart in this one run: the
+    median of per-round ratios, with the interquartile range as ``<name>_iqr_low/high`` and
+    whether both rows it compares were stable."""
     small, big = min(cfg.batch_sizes), (256 if 256 in cfg.batch_sizes else max(cfg.batch_sizes))
+    top = max(cfg.batch_sizes)
+    # name: (numerator rounds, denominator rounds); a throughput ratio is the inverse time ratio
     pairs = {
-        f"ort_vs_torch_cpu_p50_ratio_b{small}": (get("onnxruntime-cpu", "fp32", small, "p50_ms"),
-                                                 get("pytorch-cpu", "fp32", small, "p50_ms")),
-        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "fp32", big, "images_per_s"),
-                                                      get("pytorch-cpu", "fp32", big, "images_per_s")),
-        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (get("onnxruntime-cpu", "int8", big, "images_per_s"),
-                                                      get("onnxruntime-cpu", "fp32", big, "images_per_s")),
-        f"ort_vs_torch_cuda_throughput_ratio_b{max(cfg.batch_sizes)}": (
-            get("onnxruntime-cuda", "fp32", max(cfg.batch_sizes), "images_per_s"),
-            get("pytorch-cuda", "fp32", max(cfg.batch_sizes), "images_per_s")),
+        f"ort_vs_torch_cpu_p50_ratio_b{small}": (("onnxruntime-cpu", "fp32", small), ("pytorch-cpu", "fp32", small)),
+        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (("pytorch-cpu", "fp32", big),
+                                                      ("onnxruntime-cpu", "fp32", big)),
+        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (("onnxruntime-cpu", "fp32", big),
+                                                      ("onnxruntime-cpu", "int8", big)),
+        f"ort_vs_torch_cuda_throughput_ratio_b{top}": (("pytorch-cuda", "fp32", top),
+                                                       ("onnxruntime-cuda", "fp32", top)),
     }
+    stable = {(r["path"], r["precision"], r["batch"]): r["stable"] for r in rows}
+    out: dict = {}
     for name, (a, b) in pairs.items():
-        if a is not None and b:
-            out[name] = a / b
+        if a in rounds and b in rounds:
+            r = paired_ratio(rounds[a], rounds[b])
+            out[name] = r["ratio"]
+            out[f"{name}_iqr_low"], out[f"{name}_iqr_high"] = r["iqr"]
+            out[f"{name}_stable"] = stable[a] and stable[b]
     best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"),
                default=0.0)
     out["ort_cpu_fp32_best_images_per_s"] = best
@@ -223,17 +322,34 @@ def ratios(rows: list[dict], cfg: BenchConfig) -> dict[str, float]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'images/s':>10} "
-            f"{'RSS+ MB':>8}  ran on")
+    head = (f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p50 IQR of rounds':>19} {'p99 ms':>9} "
+            f"{'images/s':>10} {'RSS+ MB':>8}  ran on")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+        iqr = f"{r['p50_q25_ms']:.3f}-{r['p50_q75_ms']:.3f}"
+        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {iqr:>19} "
                      f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
-                     f"{r['providers_used']}")
+                     f"{r['providers_used']}{'' if r['stable'] else '  UNSTABLE'}")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ the machine
+
+
+def machine_state() -> dict[str, float]:
+    """How busy the machine is and how fast its CPUs run right now: load averages and the
+    clock the kernel reports (MHz; mean, min and max over cores, where it is readable)."""
+    one, five, fifteen = os.getloadavg()
+    state = {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen}
+    mhz = []
+    for f in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq"):
+        mhz.append(int(f.read_text()) / 1e3)  # kHz
+    if not mhz and Path("/proc/cpuinfo").is_file():
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+    if mhz:
+        state.update(cpu_mhz_mean=float(np.mean(mhz)), cpu_mhz_min=min(mhz), cpu_mhz_max=max(mhz))
+    return state
 
 
 def hardware() -> dict[str, str]:

@@ -93,17 +93,25 @@ def feature_maps(images: np.ndarray, maps: dict[str, np.ndarray], path: str | os
 
 
 def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str) -> None:
-    """Latency (p50) and throughput against batch size, one line per path and precision."""
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Latency (p50, with the interquartile range of its per-round medians as error bars) and
+    throughput against batch size, one line per path and precision. A point whose rounds
+    disagreed beyond the bound (``stable`` false) is drawn as a red X and named in the legend."""
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.4))
     lines: dict[str, list[dict]] = {}
     for r in rows:
         lines.setdefault(f"{r['path']} {r['precision']}", []).append(r)
     for name, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]
-        lat.plot(b, [r["p50_ms"] for r in rs], marker="o", label=name)
-        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", label=name)
-    for ax, ylabel in ((lat, "p50 latency per call (ms)"), (thr, "throughput (images/s)")):
+        p50 = np.array([r["p50_ms"] for r in rs])
+        err = np.array([[max(p - r["p50_q25_ms"], 0), max(r["p50_q75_ms"] - p, 0)] for p, r in zip(p50, rs)]).T
+        drawn = lat.errorbar(b, p50, yerr=err, marker="o", capsize=3, label=name)
+        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", color=drawn[0].get_color(), label=name)
+        shaky = [r for r in rs if not r["stable"]]
+        for ax, key in ((lat, "p50_ms"), (thr, "images_per_s")):
+            ax.scatter([r["batch"] for r in shaky], [r[key] for r in shaky], marker="X", s=90, color="crimson",
+                       zorder=5, label=f"{name}: unstable" if ax is thr and shaky else None)
+    for ax, ylabel in ((lat, "p50 latency per call (ms), IQR of rounds"), (thr, "throughput (images/s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")

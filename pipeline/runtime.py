@@ -110,7 +110,9 @@ class Session:
         return self.session.run(None, {name: x})[0]
 
 
-def session_options(threads: int = 0, graph_opt: str = "all") -> ort.SessionOptions:
+def session_options(threads: int = 0, graph_opt: str = "all", config: dict[str, str] | None = None
+                    ) -> ort.SessionOptions:
+    """Options for one session; ``config``: onnxruntime session config entries (key: value)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -121,11 +123,14 @@ def session_options(threads: int = 0, graph_opt: str = "all") -> ort.SessionOpti
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1  # one sequential graph: a second pool only competes for cores
     so.log_severity_level = 3  # errors only; a missing CUDA is reported by us, in plain words
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
 def open_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int = 0,
-                 graph_opt: str = "all", provider_options: dict | None = None) -> Session:
+                 graph_opt: str = "all", provider_options: dict | None = None,
+                 config: dict[str, str] | None = None) -> Session:
     """A session on ``provider`` with CPU as fallback; ``note`` says if the fallback happened."""
     wanted = PROVIDERS[provider]
     chain = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
@@ -137,7 +142,7 @@ def open_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads:
     if wanted not in ort.get_available_providers():
         note = f"{wanted} is not in this onnxruntime build ({ort.__version__}); running on CPU"
         chain, options = ["CPUExecutionProvider"], [{}]
-    sess = ort.InferenceSession(blob, session_options(threads, graph_opt), providers=chain,
+    sess = ort.InferenceSession(blob, session_options(threads, graph_opt, config), providers=chain,
                                 provider_options=options)
     used = sess.get_providers()
     if used[0] != wanted and not note:

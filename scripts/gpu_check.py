@@ -101,10 +101,10 @@ def main() -> None:
     x_in = contract.to_input(images[:max(bcfg.batch_sizes)])
     models = {"fp32": proto}
     cases, status = bench.choose_cases(models, bcfg)
-    rows = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda name: log(f"  {name}"))
+    rows, rounds = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda batch: log(f"  batch {batch} done"))
     result.update(status)
     result["benchmark"] = rows
-    result["ratios"] = bench.ratios(rows, bcfg)
+    result["ratios"] = bench.ratios(rows, rounds, bcfg)
     log(bench.table(rows))
     log(json.dumps({**status, **result["ratios"]}, indent=1))
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))

@@ -1,4 +1,5 @@
-"""Stage benchmark: onnxruntime (per provider, FP32 and INT8) vs PyTorch eager, over batch sizes."""
+"""Stage benchmark: onnxruntime (per provider, FP32 and INT8) vs PyTorch eager, over batch sizes,
+measured in interleaved rounds so that the ratios stay honest on a busy machine."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ from pipeline.model import ModelConfig, Net
 from stages import _cli
 from tracking.run import Tracker
 
-COLUMNS = ["path", "provider", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-           "images_per_s", "runs", "rss_growth_mb", "gpu_mem_mb", "providers_used", "note"]
+COLUMNS = ["path", "provider", "precision", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms", "p99_ms",
+           "mean_ms", "images_per_s", "runs", "rounds", "spread", "stable", "rss_growth_mb", "gpu_mem_mb",
+           "providers_used", "note"]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,20 +31,24 @@ def main(args: argparse.Namespace) -> None:
     x = contract.to_input(test_x[:max(cfg.batch_sizes)])
 
     models = {"fp32": fp32, "int8": runtime.load_checked(args.int8)}  # the quantize stage made INT8
-    summary: dict = {"hardware": bench.hardware()}
+    summary: dict = {"hardware": bench.hardware(), "machine_before": bench.machine_state()}
 
     cases, status = bench.choose_cases(models, cfg)
-    with tqdm(total=len(cases) * len(cfg.batch_sizes), desc="benchmark", unit="case") as bar:
-        def on_case(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update()
-        rows = bench.sweep(cases, models, net, x, cfg, on_case)
+    with tqdm(total=len(cfg.batch_sizes), desc="benchmark", unit="batch size") as bar:
+        rows, rounds = bench.sweep(cases, models, net, x, cfg, lambda batch: bar.update())
+    summary["machine_after"] = bench.machine_state()
+    for r in rows:
+        if not r["stable"]:
+            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} batch {r['batch']}: its rounds disagree by "
+                  f"{r['spread']:.0%} (IQR / median, bound {cfg.max_spread:.0%}) after {r['rounds']} rounds; "
+                  f"the machine was busy (load {summary['machine_after']['loadavg_1m']:.1f}): treat it as a rough "
+                  "figure", flush=True)
     for name, state in status.items():
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
                   f"{state.removeprefix('unavailable: ')}; measured on CPU only", flush=True)
     summary.update(status)
-    summary.update(bench.ratios(rows, cfg))
+    summary.update(bench.ratios(rows, rounds, cfg))
 
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore")
@@ -52,13 +58,17 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_json(args.metrics, {**summary, "rows": rows})
     hw = summary["hardware"]
     gpu = f", {hw['gpu']}" if "gpu" in hw else ""
-    figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; "
-                                              f"onnxruntime {hw['onnxruntime']}, torch {hw['torch']}")
+    load = f"load {summary['machine_before']['loadavg_1m']:.1f} -> {summary['machine_after']['loadavg_1m']:.1f}"
+    unstable = sum(not r["stable"] for r in rows)
+    figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; onnxruntime "
+                            f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}")
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.log_metrics({f"{when}_{k}": v for when in ("machine_before", "machine_after")
+                         for k, v in summary[when].items()})
     tracker.log_metrics({f"bench_{r['path']}_{r['precision']}_b{r['batch']}_{k}": r[k]
-                         for r in rows for k in ("p50_ms", "images_per_s")})
+                         for r in rows for k in ("p50_ms", "images_per_s", "spread", "stable")})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
     # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,
@@ -67,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     tracker.log_artifact(args.lock, "dvc")
     print(bench.table(rows))
     for k, v in summary.items():
-        if k != "hardware":
+        if not isinstance(v, dict):
             print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
 
 

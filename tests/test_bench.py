@@ -1,40 +1,59 @@
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
-import torch
 
 from pipeline import bench, contract, runtime
 
 
-def test_latency_stats_of_known_timings():
-    times = [0.001] * 98 + [0.010, 0.020]  # 100 calls of batch 8
-    s = bench.latency_stats(times, batch=8)
+def test_row_stats_of_known_timings():
+    rounds = bench.Rounds(batch=8, times=[[0.001] * 98 + [0.010, 0.020]])  # 100 calls of batch 8, one round
+    s = bench.row_stats(rounds, bench.BenchConfig())
     assert s["p50_ms"] == pytest.approx(1.0)
     assert s["p90_ms"] == pytest.approx(1.0)
     assert s["p99_ms"] == pytest.approx(10.1)  # linear between the 99th and 100th values
     assert s["mean_ms"] == pytest.approx((98 * 1 + 10 + 20) / 100)
     assert s["images_per_s"] == pytest.approx(800 / 0.128)
-    assert s["runs"] == 100
+    assert s["runs"] == 100 and s["rounds"] == 1
+    spread = bench.Rounds(batch=1, times=[[0.001], [0.001], [0.002], [0.001]])  # medians 1, 1, 2, 1 ms
+    stats = bench.row_stats(spread, bench.BenchConfig(max_spread=0.15))
+    assert stats["p50_q25_ms"] == pytest.approx(1.0) and stats["p50_q75_ms"] == pytest.approx(1.25)
+    assert stats["spread"] == pytest.approx(0.25) and stats["stable"] is False
 
 
-def test_time_calls_obeys_warmup_min_runs_and_budget():
-    calls = []
-    clock = iter(np.arange(0, 1000, 0.5)).__next__  # every clock read advances 0.5 s
-    times = bench.time_calls(lambda: calls.append(1), warmup=3, min_runs=2, min_seconds=0.0, max_runs=50,
-                             clock=clock)
-    assert len(times) == 2 and len(calls) == 5 and all(t == 0.5 for t in times)
-    clock = iter(np.arange(0, 1e4, 0.5)).__next__
-    times = bench.time_calls(lambda: None, 0, 1, min_seconds=10.0, max_runs=1000, clock=clock)
-    assert 5 <= len(times) <= 12  # stopped by the 10 s budget, not max_runs
-    assert len(bench.time_calls(lambda: None, 0, 1, 1e9, 7)) == 7  # max_runs caps it
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    a = bench.Rounds(1, [[1.0], [2.0], [4.0], [1.0], [8.0]])
+    b = bench.Rounds(1, [[2.0], [4.0], [8.0], [2.0], [16.0]])  # every round: a is half of b
+    assert bench.paired_ratio(a, b) == {"ratio": 0.5, "iqr": [0.5, 0.5], "rounds": 5}
+    # the blocks' medians (2 vs 4) agree here; with load on b's last rounds they would not
 
 
-FAST = bench.BenchConfig(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0.0)
+def test_rounds_alternate_rotate_and_obey_their_counts():
+    order: list[str] = []
+    clock = iter(np.arange(0, 1e6, 0.001)).__next__  # every clock read advances 1 ms
+    cfg = bench.BenchConfig(warmup=2, min_rounds=4, min_runs=6, min_seconds=0.0, burst_ms=3.0, max_runs=50,
+                            retry_seconds=0.0)
+    rounds = bench.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 1, cfg, clock)
+    timed = order[4:]  # after 2 warm-up calls each
+    assert order[:4] == ["a", "a", "b", "b"]
+    bursts = [timed[i:i + 3] for i in range(0, len(timed), 3)]  # a call takes 1 ms: 3 calls fill 3 ms
+    assert all(len(set(burst)) == 1 for burst in bursts), bursts
+    firsts = [bursts[i][0] for i in range(0, len(bursts), 2)]
+    assert firsts[:4] == ["a", "b", "a", "b"]  # who goes first rotates
+    assert len(rounds["a"].times) == len(rounds["b"].times) >= 4 and len(rounds["a"].all()) >= 6
+
+
+FAST = bench.BenchConfig(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0.0, min_rounds=3, burst_ms=1.0)
 
 
 def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split):
     _, path = small_onnx
     x = contract.to_input(test_split[0][:4])
-    row = bench.ort_case(runtime.load_checked(path), "cuda", 4, x, FAST)
+    _, row = bench.ort_path(runtime.load_checked(path), "cuda", 4, x)
     if "CUDAExecutionProvider" in row["providers_used"].split(",")[0]:
         pytest.skip("this machine really runs CUDA")
     assert row["provider"] == "cpu" and row["path"] == "onnxruntime-cpu"
@@ -45,12 +64,17 @@ def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split
 def test_cases_measure_what_they_say(small_onnx, test_split):
     model, path = small_onnx
     x = contract.to_input(test_split[0][:4])
-    ort_row = bench.ort_case(runtime.load_checked(path), "cpu", 4, x, FAST)
-    torch_row = bench.torch_case(model, torch.device("cpu"), 4, x, FAST)
-    for row in (ort_row, torch_row):
-        assert row["batch"] == 4 and row["runs"] >= 3 and row["p50_ms"] <= row["p99_ms"]
-        assert row["images_per_s"] > 0
-    assert torch_row["path"] == "pytorch-cpu"
+    models = {"fp32": runtime.load_checked(path)}
+    rows, rounds = bench.sweep([("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")], models, model, x, FAST)
+    assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
+                                                        ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
+    for row in rows:
+        assert row["runs"] >= 3 and row["rounds"] >= 3 and row["p50_ms"] <= row["p99_ms"]
+        assert row["p50_q25_ms"] <= row["p50_q75_ms"] and row["images_per_s"] > 0
+    ratios = bench.ratios(rows, rounds, FAST)
+    assert ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_low"] <= ratios["ort_vs_torch_cpu_p50_ratio_b1"] \
+        <= ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_high"]
+    assert ratios["ort_vs_torch_cpu_throughput_ratio_b4"] > 0
 
 
 def test_bad_bench_params_are_refused():
@@ -67,9 +91,96 @@ def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
     models = {"fp32": runtime.load_checked(path)}
     cases = [("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")]
     order = []
-    rows = bench.sweep(cases, models, model, x, FAST, order.append)
-    # measured batch by batch, so the compared cases are seconds apart ...
-    assert order == ["ort cpu fp32 batch 1", "torch cpu fp32 batch 1", "ort cpu fp32 batch 4", "torch cpu fp32 batch 4"]
+    rows, rounds = bench.sweep(cases, models, model, x, FAST, order.append)
+    # measured batch by batch, the cases of a batch size in interleaved rounds ...
+    assert order == [1, 4]
+    assert len(rounds["onnxruntime-cpu", "fp32", 1].times) == len(rounds["pytorch-cpu", "fp32", 1].times)
     # ... and reported case by case
     assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
                                                        ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
+
+
+# ------------------------------------------------------------- honest numbers on a busy machine
+
+
+def spin(n: int) -> None:
+    """A fixed amount of CPU work (no sleeping): outside load makes it slower, as it does inference."""
+    total = 0
+    for i in range(n):
+        total += i * i
+
+
+def hog(seconds: float) -> list[subprocess.Popen]:
+    """Two busy processes per core for ``seconds`` (they stop by themselves): calls of 10 ms and
+    more, like batched inference, are preempted and take 2.5x as long (measured here)."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2 * (os.cpu_count() or 1))]
+
+
+def block(fn, seconds: float) -> list[float]:
+    """The benchmark's old method: warm up, then time calls back to back for ``seconds``."""
+    fn()
+    fn()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def block_ratio(a, b, seconds: float, load_during_b: bool) -> float:
+    """All of A, then all of B, each in one block; the ratio of their medians."""
+    ta = block(a, seconds)
+    procs = hog(seconds + 1.0) if load_during_b else []
+    time.sleep(0.2 if procs else 0.0)  # the hog has started
+    tb = block(b, seconds)
+    for p in procs:
+        p.kill()
+        p.wait()
+    return float(np.median(ta) / np.median(tb))
+
+
+SPIN = bench.BenchConfig(min_rounds=9, min_runs=20, min_seconds=1.0, burst_ms=40, max_spread=0.15,
+                         retry_seconds=0.0)
+
+
+def test_paired_rounds_keep_the_ratio_when_load_lands_on_one_block():
+    """A does half of B's work, so A/B is 0.5 on a quiet machine. Outside load arrives half-way
+    through each measurement. Measured in blocks (today's way), it lands on B alone and the
+    ratio is off; measured in interleaved rounds, it slows A and B alike, round by round, and
+    the paired ratio stays put. Tolerance: 15% of the quiet ratio (a burst of load that starts
+    mid-round touches one round's pair unevenly; the median over rounds absorbs it)."""
+    a, b = (lambda: spin(200_000)), (lambda: spin(400_000))  # about 10 and 20 ms: longer than a time slice
+    quiet = bench.paired_ratio(*bench.interleave({"a": a, "b": b}, 1, SPIN).values())["ratio"]
+    assert 0.35 < quiet < 0.65, quiet  # the work itself is in the ratio 1:2
+
+    blocks = block_ratio(a, b, SPIN.min_seconds, load_during_b=True)
+    procs = []
+    timer = threading.Timer(SPIN.min_seconds, lambda: procs.extend(hog(2 * SPIN.min_seconds + 2)))
+    timer.start()  # the same load, arriving half-way through the 2 s of rounds
+    try:
+        rounds = bench.interleave({"a": a, "b": b}, 1, SPIN)
+    finally:
+        timer.join()
+        for p in procs:
+            p.kill()
+            p.wait()
+    paired = bench.paired_ratio(rounds["a"], rounds["b"])
+    assert procs, "the load never started"
+    assert abs(paired["ratio"] - quiet) / quiet < 0.15, (paired, quiet, blocks)
+    assert abs(blocks - quiet) / quiet > 0.25, (blocks, quiet)  # what the block method published
+
+
+def test_a_row_whose_rounds_disagree_is_flagged_unstable():
+    rng = np.random.default_rng(0)
+    wild = lambda: spin(int(20_000 * rng.choice([1, 4])))  # noqa: E731 - each call 1x or 4x the work
+    calm = lambda: spin(20_000)  # noqa: E731
+    cfg = bench.BenchConfig(min_rounds=9, min_runs=9, min_seconds=0.2, burst_ms=1, max_spread=0.15,
+                            retry_seconds=0.5)
+    rounds = bench.interleave({"wild": wild, "calm": calm}, 1, cfg)
+    wild_row, calm_row = bench.row_stats(rounds["wild"], cfg), bench.row_stats(rounds["calm"], cfg)
+    assert wild_row["stable"] is False and wild_row["spread"] > cfg.max_spread, wild_row
+    assert wild_row["rounds"] > cfg.min_rounds  # re-measured within the budget before giving up
+    assert calm_row["p50_q25_ms"] <= calm_row["p50_q75_ms"]
