@@ -49,6 +49,7 @@ class BenchConfig:
     burst_ms: float = 25.0  # how long one path's burst in a round lasts (at least one call)
     pause_ms: float = 10.0  # idle after each burst: OpenMP's threads stop spin-waiting and sleep
     max_spread: float = 0.15  # a row whose per-round medians spread more (IQR / median) is unstable
+    max_outside_load: float = 0.10  # ... as is one measured while other processes used more of the CPUs
     retry_seconds: float = 3.0  # extra rounds for a batch size with an unstable row, before flagging it
     threads: int = 0  # 0 = one per core, for every path alike
 
@@ -67,6 +68,8 @@ class BenchConfig:
         require(self.pause_ms >= 0, "benchmark.pause_ms", self.pause_ms, "a number of milliseconds >= 0")
         require(self.max_spread > 0, "benchmark.max_spread", self.max_spread, "a fraction > 0, e.g. 0.15")
         require(self.retry_seconds >= 0, "benchmark.retry_seconds", self.retry_seconds, "a number of seconds >= 0")
+        require(0 < self.max_outside_load <= 1, "benchmark.max_outside_load", self.max_outside_load,
+                "a fraction of the machine's CPU time, in (0, 1]")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -144,9 +147,12 @@ def interleave(calls: dict[K, Callable[[], object]], batch: int, cfg: BenchConfi
     return out
 
 
-def row_stats(rounds: Rounds, cfg: BenchConfig) -> dict:
+def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0) -> dict:
     """Percentiles and throughput over every timed call, and the spread of the per-round
-    medians (the row's uncertainty); ``stable`` is False when that spread is over the bound."""
+    medians (the row's uncertainty). ``stable`` is False when that spread is over the bound,
+    or when other processes used more than ``cfg.max_outside_load`` of the CPUs meanwhile:
+    a steady load slows paths unequally (a two-thread call waits for the thread whose core is
+    taken) while its rounds still agree, so the spread alone would not show it."""
     t = np.asarray(rounds.all(), dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
     med = rounds.medians() * 1e3
@@ -154,7 +160,25 @@ def row_stats(rounds: Rounds, cfg: BenchConfig) -> dict:
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(t.mean() * 1e3),
             "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
             "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
-            "spread": rounds.spread(), "stable": rounds.spread() <= cfg.max_spread}
+            "spread": rounds.spread(), "outside_load": outside_load,
+            "stable": rounds.spread() <= cfg.max_spread and outside_load <= cfg.max_outside_load}
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process, monotonic time)."""
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+
+
+def outside_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """The share of the machine's CPU time that other processes used between two snapshots
+    (0 = none, 1 = every core, all the time). Measured here: 0.002 idle, 0.505 with one
+    busy process on two cores."""
+    wall = after[2] - before[2]
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
 
 
 def paired_ratio(a: Rounds, b: Rounds) -> dict:
@@ -277,11 +301,13 @@ def sweep(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.M
                 else torch_path(net, torch.device(provider), batch, x))
             calls[case]()  # the first call allocates: count it in the path's memory
             metas[case]["rss_growth_mb"] = rss_mb() - rss0
+        before = cpu_snapshot()
         rounds = interleave(calls, batch, cfg)
+        others = outside_load(before, cpu_snapshot())
         for case in cases:
             meta = metas[case]
             gpu_mem = meta.pop("gpu_mem_mb", None)
-            rows[case, batch] = {**meta, **row_stats(rounds[case], cfg),
+            rows[case, batch] = {**meta, **row_stats(rounds[case], cfg, others),
                                  **({"gpu_mem_mb": gpu_mem()} if gpu_mem else {})}
             measured[meta["path"], meta["precision"], batch] = rounds[case]
         on_batch(batch)

@@ -16,8 +16,8 @@ from stages import _cli
 from tracking.run import Tracker
 
 COLUMNS = ["path", "provider", "precision", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms", "p99_ms",
-           "mean_ms", "images_per_s", "runs", "rounds", "spread", "stable", "rss_growth_mb", "gpu_mem_mb",
-           "providers_used", "note"]
+           "mean_ms", "images_per_s", "runs", "rounds", "spread", "outside_load", "stable", "rss_growth_mb",
+           "gpu_mem_mb", "providers_used", "note"]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -39,10 +39,12 @@ def main(args: argparse.Namespace) -> None:
     summary["machine_after"] = bench.machine_state()
     for r in rows:
         if not r["stable"]:
-            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} batch {r['batch']}: its rounds disagree by "
-                  f"{r['spread']:.0%} (IQR / median, bound {cfg.max_spread:.0%}) after {r['rounds']} rounds; "
-                  f"the machine was busy (load {summary['machine_after']['loadavg_1m']:.1f}): treat it as a rough "
-                  "figure", flush=True)
+            why = [f"its rounds disagree by {r['spread']:.0%} (bound {cfg.max_spread:.0%}) after {r['rounds']} rounds"
+                   ] if r["spread"] > cfg.max_spread else []
+            if r["outside_load"] > cfg.max_outside_load:
+                why.append(f"other processes used {r['outside_load']:.0%} of the CPUs meanwhile")
+            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} batch {r['batch']}: {'; '.join(why)}; "
+                  "do not compare it with a quiet run", flush=True)
     for name, state in status.items():
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
@@ -58,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_json(args.metrics, {**summary, "rows": rows})
     hw = summary["hardware"]
     gpu = f", {hw['gpu']}" if "gpu" in hw else ""
-    load = f"load {summary['machine_before']['loadavg_1m']:.1f} -> {summary['machine_after']['loadavg_1m']:.1f}"
+    load = f"other processes' CPU share up to {max(r['outside_load'] for r in rows):.0%}"
     unstable = sum(not r["stable"] for r in rows)
     figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; onnxruntime "
                             f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}")
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
     tracker.log_metrics({f"{when}_{k}": v for when in ("machine_before", "machine_after")
                          for k, v in summary[when].items()})
     tracker.log_metrics({f"bench_{r['path']}_{r['precision']}_b{r['batch']}_{k}": r[k]
-                         for r in rows for k in ("p50_ms", "images_per_s", "spread", "stable")})
+                         for r in rows for k in ("p50_ms", "images_per_s", "spread", "outside_load", "stable")})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
     # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,

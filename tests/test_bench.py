@@ -184,3 +184,32 @@ def test_a_row_whose_rounds_disagree_is_flagged_unstable():
     assert wild_row["stable"] is False and wild_row["spread"] > cfg.max_spread, wild_row
     assert wild_row["rounds"] > cfg.min_rounds  # re-measured within the budget before giving up
     assert calm_row["p50_q25_ms"] <= calm_row["p50_q75_ms"]
+
+
+def test_steady_outside_load_is_measured_and_flags_the_rows():
+    """A hog that runs the whole time leaves the rounds agreeing with each other (no spread),
+    yet slows paths unequally; the share of CPU time other processes took is what shows it."""
+    calm = lambda: spin(200_000)  # noqa: E731
+    cfg = bench.BenchConfig(min_rounds=5, min_runs=5, min_seconds=0.5, burst_ms=20, retry_seconds=0.0)
+    procs = hog(10.0)
+    time.sleep(0.3)
+    try:
+        before = bench.cpu_snapshot()
+        rounds = bench.interleave({"calm": calm}, 1, cfg)
+        others = bench.outside_load(before, bench.cpu_snapshot())
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # two busy processes per core want all of it; our own process holds a share too
+    assert others > 0.3, others
+    row = bench.row_stats(rounds["calm"], cfg, others)
+    assert row["outside_load"] == others and row["stable"] is False
+
+
+def test_outside_load_counts_only_other_processes_time(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    start = (100.0, 10.0, 50.0)  # (machine busy s, own CPU s, time)
+    assert bench.outside_load(start, (102.0, 12.0, 51.0)) == 0.0  # all the busy time was ours
+    assert bench.outside_load(start, (102.0, 11.0, 51.0)) == 0.5  # 1 s of 2 cores' second: another process
+    assert bench.outside_load(start, (100.5, 11.0, 51.0)) == 0.0  # never below zero (counters tick unevenly)
