@@ -7,7 +7,8 @@ images divided by the summed time of the timed calls; each row's uncertainty is 
 interquartile range of its per-round medians. Ratios between paths are taken round by round
 (the median of per-round ratios, with their interquartile range), never from two separate
 blocks of time. A row whose rounds disagree beyond ``max_spread`` is measured longer, and
-flagged ``stable: false`` if that does not settle it. Labels come from what ran
+flagged ``stable: false`` if that does not settle it; so is every row measured while other
+processes took more than ``max_outside_load`` of the CPUs. Labels come from what ran
 (``session.get_providers()``), never from what was asked for.
 
 Fairness: every path gets the same input, the same thread count, and its fast settings:
