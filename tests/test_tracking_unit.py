@@ -124,3 +124,30 @@ def test_the_spool_and_the_run_note_are_readable_files(sqlite, tmp_path):
 def test_unknown_operations_are_refused():
     with pytest.raises(ValueError, match="unknown tracking operation 'drop_table'"):
         ops.apply({"op": "drop_table"}, "run")
+
+
+def test_the_logged_model_asks_for_the_gpu_first_and_serves_on_what_there_is(sqlite, tmp_path):
+    """The registered model's pyfunc: CUDA first, then CPU, in its MLmodel, and loaded by
+    mlflow.pyfunc it runs (on the CPU here) and answers like the file itself."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline import export, runtime
+    from pipeline.model import ModelConfig, Net
+    from tracking import registry
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(Net(ModelConfig(channels=(4, 8), fc_units=16)).eval(), path, export.ExportConfig())
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    y = runtime.open_session(runtime.load_checked(path)).run(x)
+    t = Tracker.start(None, {}, {})
+    t.log_onnx_model(path, x, y, "unit-test-model")
+    version = store.client().get_model_version_by_alias("unit-test-model", registry.CANDIDATE)
+    model = mlflow.pyfunc.load_model(f"models:/unit-test-model/{version.version}")
+    assert model.metadata.flavors["onnx"]["providers"] == registry.PYFUNC_PROVIDERS
+    wrapper = model._model_impl
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in runtime.ort.get_available_providers() \
+        and torch.cuda.is_available() else "CPUExecutionProvider"
+    assert wrapper.rt.get_providers()[0] == expected
+    np.testing.assert_allclose(model.predict(x)["logits"], y, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,9 @@ from tracking import store
 from tracking.provenance import package_version
 
 CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: newest export, promoted one
+# What the logged model's pyfunc asks onnxruntime for: the GPU where there is one, else the CPU.
+# MLflow honours this list from 3.15.0 on (before, its loader dropped it and always ran on CPU).
+PYFUNC_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_name: str | None,
@@ -34,7 +37,7 @@ def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_n
         warnings.simplefilter("ignore")
         info = mlflow.onnx.log_model(
             proto, name="onnx-model", signature=infer_signature(example, output), input_example=example,
-            save_as_external_data=False,
+            save_as_external_data=False, onnx_execution_providers=PYFUNC_PROVIDERS,
             pip_requirements=[f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}", f"onnx=={onnx.__version__}",
                               "numpy"])
     if registered_name:
