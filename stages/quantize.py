@@ -11,12 +11,16 @@ from tracking.run import Tracker
 
 def main(args: argparse.Namespace) -> None:
     cfg = _cli.section(quantize.QuantizeConfig, "quantize")
+    models = {"fp32": runtime.load_checked(args.model)}  # a clear error for a missing or broken file, first
     train_x, _ = data.load_split(args.data, "train")
+    print(f"quantize: calibrating INT8 ranges on {cfg.calibration_images} training digits ...", flush=True)
     quantize.quantize_int8(args.model, args.out, contract.to_input(train_x[:cfg.calibration_images]))
+    models["int8"] = runtime.load_checked(args.out)
     test_x, test_y = data.load_split(args.data, "test")
+    print(f"quantize: test accuracy of both models on {len(test_x):,} digits ...", flush=True)
     accuracy = {}
-    for name, path in (("fp32", args.model), ("int8", args.out)):
-        session = runtime.open_session(runtime.load_checked(path), "cpu")
+    for name, proto in models.items():
+        session = runtime.open_session(proto, "cpu")
         logits = evaluate.predict_logits(session, test_x, 1000)
         accuracy[name] = evaluate.accuracy_report(test_y, logits)["accuracy"]
     report = {"fp32_accuracy": accuracy["fp32"], "int8_accuracy": accuracy["int8"],

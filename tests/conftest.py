@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline import data
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LOCAL_MIRROR = Path(os.environ.get("MNIST_MIRROR") or REPO.parent / "shared" / "mnist")
 
 

@@ -113,8 +113,12 @@ def spin(n: int) -> None:
 def hog(seconds: float) -> list[subprocess.Popen]:
     """Two busy processes per core for ``seconds`` (they stop by themselves): calls of 10 ms and
     more, like batched inference, are preempted and take 2.5x as long (measured here)."""
-    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
-    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2 * (os.cpu_count() or 1))]
+    code = f"import time\nprint('busy', flush=True)\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2 * (os.cpu_count() or 1))]
+    for p in procs:  # returns once every one of them is spinning, however long they took to start
+        assert p.stdout is not None and p.stdout.readline().strip() == "busy"
+    return procs
 
 
 def block(fn, seconds: float) -> list[float]:
@@ -134,7 +138,6 @@ def block_ratio(a, b, seconds: float, load_during_b: bool) -> float:
     """All of A, then all of B, each in one block; the ratio of their medians."""
     ta = block(a, seconds)
     procs = hog(seconds + 1.0) if load_during_b else []
-    time.sleep(0.2 if procs else 0.0)  # the hog has started
     tb = block(b, seconds)
     for p in procs:
         p.kill()
@@ -177,7 +180,8 @@ def test_a_row_whose_rounds_disagree_is_flagged_unstable():
     rng = np.random.default_rng(0)
     wild = lambda: spin(int(20_000 * rng.choice([1, 4])))  # noqa: E731 - each call 1x or 4x the work
     calm = lambda: spin(20_000)  # noqa: E731
-    cfg = bench.BenchConfig(min_rounds=9, min_runs=9, min_seconds=0.2, burst_ms=1, max_spread=0.15,
+    # no minimum time: the first phase stops at 9 rounds, so more rounds can only be the retries
+    cfg = bench.BenchConfig(min_rounds=9, min_runs=1, min_seconds=0.0, burst_ms=1, max_spread=0.15,
                             retry_seconds=0.5)
     rounds = bench.interleave({"wild": wild, "calm": calm}, 1, cfg)
     wild_row, calm_row = bench.row_stats(rounds["wild"], cfg), bench.row_stats(rounds["calm"], cfg)
@@ -192,7 +196,6 @@ def test_steady_outside_load_is_measured_and_flags_the_rows():
     calm = lambda: spin(200_000)  # noqa: E731
     cfg = bench.BenchConfig(min_rounds=5, min_runs=5, min_seconds=0.5, burst_ms=20, retry_seconds=0.0)
     procs = hog(10.0)
-    time.sleep(0.3)
     try:
         before = bench.cpu_snapshot()
         rounds = bench.interleave({"calm": calm}, 1, cfg)

@@ -223,7 +223,8 @@ def test_a_dripping_server_is_abandoned_at_the_deadline(server):
     t0 = time.monotonic()
     with pytest.raises(data.DownloadError, match="too slow: not complete within 1 s"):
         data.fetch_verified(TEST_LABELS, (f"{url}/drip/",), data.DownloadConfig(timeout_s=1.0, retries=0))
-    assert time.monotonic() - t0 < 2.0  # 1 s deadline + at most one 0.3 s gap + slack
+    # the 1 s deadline, plus slack for a busy machine; without it the call lasted the server's 20 s
+    assert time.monotonic() - t0 < 4.0
 
 
 def test_a_dead_mirror_is_skipped_for_the_rest_of_the_run_and_said_so(silent_server, mirror, tmp_path):
@@ -235,8 +236,9 @@ def test_a_dead_mirror_is_skipped_for_the_rest_of_the_run_and_said_so(silent_ser
     sources = data.download(tmp_path, (silent_server, str(mirror)), cfg, log=lines.append)
     elapsed = time.monotonic() - t0
     assert set(sources.values()) == {str(mirror)}
-    # (retries + 1) x timeout_s, plus the backoff and the local copies (about 1 s here)
-    assert elapsed < (cfg.retries + 1) * cfg.timeout_s + 2.0, elapsed
+    # (retries + 1) x timeout_s, plus the backoff and the local copies (about 1 s here; 3 s allowed
+    # for a busy machine); per file, as before, it would be 4 x 2 x 1 s = 8 s at least
+    assert elapsed < (cfg.retries + 1) * cfg.timeout_s + 3.0, elapsed
     first = sorted(data.FILES, key=list(data.FILES).index)[0]
     assert f"{first}.gz: waiting on {silent_server} (try 1 of 2, at most 1 s)" in lines
     assert sum(f"waiting on {silent_server}" in line for line in lines) == cfg.retries + 1
