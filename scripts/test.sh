@@ -5,15 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
-# The browser tests drive Debian's Chromium through its ChromeDriver (no browser download).
-if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+# Debian packages the tests start for real: Chromium and its ChromeDriver (browser tests),
+# PostgreSQL (the team's MLflow server), openssh-server (the DVC SSH remote).
+need=()
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || need+=(chromium chromium-driver)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "test: installing Debian's chromium and chromium-driver for the browser tests"
-        apt-get install -y -q chromium chromium-driver >/dev/null \
-            || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+        echo "test: installing Debian's ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q "${need[@]}" >/dev/null \
+            || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; }
     else
-        echo "test: no /usr/bin/chromium + /usr/bin/chromedriver; the browser tests will be skipped" \
-             "(as root: apt-get install chromium chromium-driver)" >&2
+        echo "test: missing Debian packages ${need[*]}; their tests will be skipped" \
+             "(as root: apt-get install ${need[*]})" >&2
     fi
 fi
 source .venv/bin/activate

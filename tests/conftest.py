@@ -57,6 +57,40 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+SMALL = {  # params for whole-pipeline tests: a tiny net, one epoch on a subset, a short benchmark
+    "train": {"epochs": 1, "subset": 2000, "batch_size": 50},
+    "model": {"channels": [8, 16], "fc_units": 64},
+    "export": {"parity_images": 200},
+    "benchmark": {"batch_sizes": [1, 16], "warmup": 1, "min_runs": 3, "min_seconds": 0.0},
+    "quantize": {"calibration_images": 64},
+}
+
+
+def small_repo(dest: Path) -> Path:
+    """copy_repo with the SMALL params committed."""
+    import yaml
+    root = copy_repo(dest)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qam",
+                    "small params"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, raw_dir):
+    """A folder to run the train stage in: tiny params, the real data, its own spool."""
+    import yaml
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"].update(channels=[4, 8], fc_units=32)
+    params["train"].update(subset=3000, batch_size=100, checkpoint_every=0, epochs=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "raw").symlink_to(raw_dir)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def served_model(raw_dir, tmp_path_factory) -> Path:
     """A small network trained for a few seconds on 12,000 real digits, exported to ONNX.

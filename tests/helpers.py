@@ -1,11 +1,13 @@
-"""Processes the tests (and benchmarks.load) start and stop: our service, an MLflow server.
+"""Processes the tests (and the benchmarks) start and stop: our service, MLflow servers, sshd.
 
 Each binds 127.0.0.1 on a free port and is stopped on the way out, also when the test fails.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SSHD = Path("/usr/sbin/sshd")  # Debian's openssh-server
 
 
 def free_port() -> int:
@@ -96,3 +99,132 @@ class SpawnedServer:
     def __exit__(self, *exc):
         if self.proc.poll() is None:
             self.stop()
+
+
+class TeamServer:
+    """``python -m tracking.server`` (PostgreSQL, proxied artifacts, logins) on a free port.
+
+    Its data folder is made under /tmp, not pytest's 0700 tmp folders: run as root, PostgreSQL
+    runs as the ``postgres`` user, which must be able to reach its cluster. ``stop()`` ends the
+    server with SIGTERM (MLflow, then PostgreSQL); ``close()`` also removes the folder.
+    """
+
+    ADMIN = "admin"
+
+    def __init__(self, data: Path | None = None, port: int | None = None, password: str | None = None):
+        import secrets
+        import tempfile
+        self.data = data or Path(tempfile.mkdtemp(prefix="mlflow-team-", dir="/tmp"))
+        self.port = port or free_port()
+        self.password = password or "pw-" + secrets.token_urlsafe(18)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data.parent / f"{self.data.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def admin_env(self) -> dict[str, str]:
+        """What a client sets to log in as the admin."""
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": self.ADMIN,
+                "MLFLOW_TRACKING_PASSWORD": self.password}
+
+    def start(self, timeout_s: float = 180) -> TeamServer:
+        log = open(self.log_path, "a")
+        env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([str(REPO / "scripts/mlflow_server.sh"), "--data", str(self.data),
+                                      "--port", str(self.port), "--workers", "1"],
+                                     stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the team server did not start:\n{self.log_text()}") from None
+                time.sleep(0.3)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def mlflow_pid(self) -> int:
+        """The ``mlflow server`` process (leader of its own process group, with its workers)."""
+        return int(re.findall(r"mlflow server \(pid (\d+)\)", self.log_text())[-1])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """Whatever a killed server left behind: its MLflow workers, its PostgreSQL."""
+        import psutil
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if str(self.data) in cmdline and "mlflow" in cmdline:
+                with suppress(psutil.Error):
+                    p.kill()
+        if (self.data / "postgres" / "postmaster.pid").exists():
+            from tracking.server import Cluster
+            Cluster(self.data).stop()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> TeamServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Sshd:
+    """Debian's sshd on 127.0.0.1 and a free port: a host key and a user key of its own, the
+    current user may log in with that key only. Stopped (SIGTERM) by ``stop()``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        for key in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True)
+        shutil.copy(folder / "user_key.pub", folder / "authorized_keys")
+        self.port = free_port()
+        self.user = getpass.getuser()
+        (folder / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {folder / 'host_key'}",
+            f"PidFile {folder / 'sshd.pid'}", f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxStartups 100",
+            "Subsystem sftp internal-sftp", ""]))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation folder
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Sshd:
+        self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(self.folder / "sshd_config")],
+                                     stderr=open(self.folder / "sshd.log", "a"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start:\n" + (self.folder / "sshd.log").read_text())
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def url(self, path: Path) -> str:
+        return f"ssh://{self.user}@127.0.0.1:{self.port}{path}"

@@ -12,18 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LOCAL_MIRROR, copy_repo
+from tests.conftest import LOCAL_MIRROR, SMALL, small_repo
 
 pytestmark = pytest.mark.slow
-
-SMALL = {
-    "train": {"epochs": 1, "subset": 2000, "batch_size": 50},
-    "model": {"channels": [8, 16], "fc_units": 64},
-    "export": {"parity_images": 200},
-    "benchmark": {"batch_sizes": [1, 16], "warmup": 1, "min_runs": 3, "min_seconds": 0.0},
-    "quantize": {"calibration_images": 64},
-}
-
 
 def dvc(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
     if args[:2] == ("exp", "run"):  # each experiment starts from the committed params
@@ -34,13 +25,7 @@ def dvc(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mirror):
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "commit", "-qam", "small params", "--author", "t <t@localhost>"], cwd=root,
-                   check=True, env={**os.environ, "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@l"})
+    root = small_repo(tmp_path_factory.mktemp("repo"))
     env = {**os.environ, "MNIST_MIRROR": str(mirror),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}

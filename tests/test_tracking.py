@@ -25,23 +25,12 @@ pytestmark = pytest.mark.slow
 EPOCH_METRICS = ("loss", "train_acc", "test_acc", "test_loss", "images_per_s", "seconds")
 
 
-@pytest.fixture
-def workdir(tmp_path, raw_dir):
-    """A folder to run the train stage in: tiny params, the real data, its own spool."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(channels=[4, 8], fc_units=32)
-    params["train"].update(subset=3000, batch_size=100, checkpoint_every=0, epochs=3)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "raw").symlink_to(raw_dir)
-    return tmp_path
-
-
-def train(workdir: Path, uri: str, epochs: int, wait: bool = True):
+def train(workdir: Path, uri: str, epochs: int, wait: bool = True, env: dict | None = None):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["train"]["epochs"] = epochs
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
-           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "stages.train", "--data", "raw", "--model", "model.pt", "--metrics",
            "train.json", "--plots", "train.csv", "--run-id", "run_id", "--checkpoint", "train.ckpt"]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -51,9 +40,9 @@ def train(workdir: Path, uri: str, epochs: int, wait: bool = True):
     return proc.returncode, out, err
 
 
-def sync(workdir: Path, uri: str) -> subprocess.CompletedProcess:
+def sync(workdir: Path, uri: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "stages.sync"], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=300)
 

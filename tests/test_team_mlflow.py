@@ -1,0 +1,259 @@
+"""The team's MLflow server, for real: PostgreSQL, `mlflow server` with proxied artifacts and
+logins (python -m tracking.server, through scripts/mlflow_server.sh), on 127.0.0.1.
+
+The whole pipeline logs there as it does to sqlite; a teammate elsewhere gets the champion's
+bytes through the server alone; the spool survives the server and the database going away;
+logins keep readers from writing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import small_repo
+from tests.helpers import TeamServer
+from tests.test_pipeline_e2e import dvc
+from tests.test_tracking import assert_run_holds_everything_logged, sync, train
+
+pytestmark = pytest.mark.slow
+MODEL = "mnist-cnn-onnx"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postgresql_installed():
+    from tracking.server import ServerError, postgres_bin
+    try:
+        postgres_bin("initdb")
+    except ServerError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with TeamServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def repo(server, tmp_path_factory, mirror):
+    """A clone of the project with small params; its `dvc repro` logs to the team server."""
+    root = small_repo(tmp_path_factory.mktemp("team-repo"))
+    env = {**os.environ, **server.admin_env, "MNIST_MIRROR": str(mirror),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_EXP_NAME", None)
+    result = dvc(root, "repro", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, env, result.stdout + result.stderr
+
+
+def client(server: TeamServer, user: str | None = None, password: str | None = None):
+    """An MlflowClient logged in as ``user`` (the admin by default)."""
+    import mlflow
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user or server.ADMIN
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password or server.password
+    return mlflow.MlflowClient(tracking_uri=server.url)
+
+
+@pytest.fixture(autouse=True)
+def _no_login_left_behind(monkeypatch):
+    """client() sets the login in os.environ: restored after each test."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def runs(server: TeamServer) -> list:
+    c = client(server)
+    return c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
+
+
+def test_repro_logs_one_run_with_metrics_model_and_proxied_artifacts(server, repo):
+    root, _, _ = repo
+    run_id = (root / "models/mlflow_run_id").read_text().strip()
+    [run] = runs(server)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert {"loss", "test_acc", "parity_max_abs_diff", "verify_ok", "eval_accuracy",
+            "ort_vs_torch_cpu_p50_ratio_b1"} <= set(run.data.metrics)
+    assert run.data.params["train.epochs"] == "1"
+    # proxied: the run's artifacts live in the server's folder, reached through HTTP only
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = {p.name for p in (server.data / "artifacts").rglob("*") if p.is_file()}
+    assert {"model.onnx", "shapes.md", "dvc.lock", "MLmodel"} <= stored
+    assert not (root / "mlruns").exists() and not (root / "mlartifacts").exists() and not (root / "mlflow.db").exists()
+    version = client(server).get_model_version_by_alias(MODEL, "candidate")
+    assert version.run_id == run_id and "eval_accuracy" in version.tags
+    assert not list((root / ".mlflow-spool").glob("*.jsonl"))  # nothing waited for a replay
+
+
+def test_a_teammate_elsewhere_loads_the_champion_through_the_server(server, repo, tmp_path):
+    root, env, _ = repo
+    result = subprocess.run([sys.executable, "-m", "stages.promote"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # another folder, no shared files: the server's URL and a login are all it has
+    teammate = tmp_path / "teammate"
+    teammate.mkdir()
+    code = ("import mlflow, sys; print(mlflow.artifacts.download_artifacts("
+            f"'models:/{MODEL}@champion', dst_path=sys.argv[1]))")
+    env_teammate = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env_teammate.update(server.admin_env)
+    got = subprocess.run([sys.executable, "-c", code, str(teammate / "model")], cwd=teammate, env=env_teammate,
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert (teammate / "model/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
+
+
+def test_exp_run_and_two_queued_experiments_log_one_run_each(server, repo):
+    root, env, _ = repo
+    result = dvc(root, "exp", "run", "-n", "seed-1", "-S", "train.seed=1", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("queued-a", "queued-b"):
+        result = dvc(root, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={len(name) + ord(name[-1])}",
+                     env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = dvc(root, "exp", "run", "--run-all", "--jobs", "2", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_name = {r.info.run_name: r for r in runs(server)}
+    assert {"seed-1", "queued-a", "queued-b"} <= set(by_name) and len(by_name) == 4  # one run per training
+    for name in ("seed-1", "queued-a", "queued-b"):
+        run = by_name[name]
+        assert run.info.status == "FINISHED" and {"loss", "eval_accuracy", "verify_ok"} <= set(run.data.metrics)
+        assert run.data.tags["dvc_exp_name"] == name
+    versions = client(server).search_model_versions(f"name='{MODEL}'")
+    assert len(versions) == 4  # every export registered a version
+    assert not list((root / ".mlflow-spool").glob("*.jsonl"))
+
+
+# --- logins ---------------------------------------------------------------------------------
+
+def _call(server: TeamServer, method: str, path: str, auth=None, **body) -> requests.Response:
+    return requests.request(method, f"{server.url}/api/2.0/mlflow/{path}", auth=auth,
+                            json=body or None, timeout=30)
+
+
+def test_no_login_or_a_wrong_password_gets_401(server):
+    assert _call(server, "GET", "experiments/search?max_results=1").status_code == 401
+    assert _call(server, "GET", "experiments/search?max_results=1",
+                 auth=(server.ADMIN, server.password + "x")).status_code == 401
+    assert _call(server, "GET", "experiments/search?max_results=1",
+                 auth=(server.ADMIN, server.password)).status_code == 200
+
+
+def test_a_reader_reads_runs_and_cannot_create_runs_register_models_or_move_aliases(server, repo):
+    root, _, _ = repo
+    admin = (server.ADMIN, server.password)
+    reader = ("reader", "reader-password-123")
+    made = _call(server, "POST", "users/create", auth=admin, username=reader[0], password=reader[1])
+    assert made.status_code == 200, made.text
+    run_id = (root / "models/mlflow_run_id").read_text().strip()
+    got = _call(server, "GET", f"runs/get?run_id={run_id}", auth=reader)
+    assert got.status_code == 200 and got.json()["run"]["info"]["run_id"] == run_id
+    experiment_id = got.json()["run"]["info"]["experiment_id"]
+    assert _call(server, "POST", "runs/search", auth=reader, experiment_ids=[experiment_id]).status_code == 200
+    runs_before = len(runs(server))
+    champion = client(server).get_model_version_by_alias(MODEL, "champion").version
+    other = next(v.version for v in client(server).search_model_versions(f"name='{MODEL}'") if v.version != champion)
+
+    refused = {
+        "create a run": _call(server, "POST", "runs/create", auth=reader, experiment_id=experiment_id),
+        "log a metric": _call(server, "POST", "runs/log-metric", auth=reader, run_id=run_id, key="x", value=1.0,
+                              timestamp=0, step=0),
+        "register a version": _call(server, "POST", "model-versions/create", auth=reader, name=MODEL,
+                                    source=f"runs:/{run_id}/onnx-model", run_id=run_id),
+        "move an alias": _call(server, "POST", "registered-models/alias", auth=reader, name=MODEL,
+                               alias="champion", version=other),
+        "delete the model": _call(server, "DELETE", "registered-models/delete", auth=reader, name=MODEL),
+    }
+    assert {what: r.status_code for what, r in refused.items()} == dict.fromkeys(refused, 403)
+    c = client(server)  # nothing moved
+    assert c.get_run(run_id).data.metrics.get("x") is None
+    assert len(runs(server)) == runs_before
+    assert c.get_model_version_by_alias(MODEL, "champion").version == champion
+
+
+def test_a_teammate_granted_edit_logs_runs_and_moves_aliases(server, repo):
+    """The README's way to let a teammate write: a user, then EDIT on the experiment and the model."""
+    from mlflow.server import get_app_client
+
+    client(server)  # logged in as the admin
+    auth = get_app_client("basic-auth", tracking_uri=server.url)
+    auth.create_user("alice", "alice-password-123")
+    experiment = client(server).get_experiment_by_name("mnist-onnx")
+    refused = _call(server, "POST", "runs/create", auth=("alice", "alice-password-123"),
+                    experiment_id=experiment.experiment_id)
+    assert refused.status_code == 403  # a new user reads only
+    auth.grant_user_permission("alice", "experiment", experiment.experiment_id, "EDIT")
+    auth.grant_user_permission("alice", "registered_model", MODEL, "EDIT")
+    alice = client(server, "alice", "alice-password-123")
+    run = alice.create_run(experiment.experiment_id, run_name="alice's run")
+    alice.log_metric(run.info.run_id, "loss", 0.5)
+    alice.set_terminated(run.info.run_id)
+    alice.set_registered_model_alias(MODEL, "staging", "1")
+    admin = client(server)
+    assert admin.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+    assert admin.get_model_version_by_alias(MODEL, "staging").version == "1"
+
+
+def test_the_admin_password_is_in_no_log_command_line_param_or_tag(server, repo):
+    _, _, repro_output = repo
+    assert server.password not in server.log_text()
+    assert server.password not in repro_output
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert "tracking.server" in ps and "mlflow server" in ps.replace("-m mlflow server", "mlflow server")
+    assert server.password not in ps
+    for path in server.data.rglob("*"):  # the settings MLflow reads, the cluster's files
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert server.password.encode() not in path.read_bytes(), path
+    for run in runs(server):
+        assert server.password not in json.dumps([run.data.params, run.data.tags])
+
+
+# --- outages against the team server ----------------------------------------------------------
+
+def _first_epoch_logged(server: TeamServer, proc: subprocess.Popen) -> str:
+    """Waits until the training's first epoch is on the server; returns the run id."""
+    c = client(server)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        for run in c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000):
+            if c.get_metric_history(run.info.run_id, "loss"):
+                return run.info.run_id
+        time.sleep(0.2)
+    raise AssertionError("no epoch reached the server before the training ended")
+
+
+@pytest.mark.parametrize("outage", ["mlflow server killed", "postgresql restarted"])
+def test_the_spool_replays_into_the_team_server_after_an_outage(workdir, outage):
+    epochs = 6
+    with TeamServer() as srv:
+        env = {"MLFLOW_TRACKING_USERNAME": srv.ADMIN, "MLFLOW_TRACKING_PASSWORD": srv.password}
+        proc = train(workdir, srv.url, epochs=epochs, wait=False, env=env)
+        run_id = _first_epoch_logged(srv, proc)
+        logged = len(client(srv).get_metric_history(run_id, "loss"))
+        if outage == "mlflow server killed":
+            os.killpg(srv.mlflow_pid(), 9)  # MLflow and its workers; the wrapper then stops PostgreSQL
+            srv.proc.wait(timeout=60)
+        else:
+            from tracking.server import Cluster
+            Cluster(srv.data).restart()  # every connection in MLflow's pool dies
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert 1 <= logged < epochs, "the outage should come mid-run"
+        assert (workdir / "run_id").read_text().strip() == run_id
+        if outage == "mlflow server killed":
+            assert "kept in" in err
+            srv.start()  # the same folder and port: the same database
+        result = sync(workdir, srv.url, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        client(srv)  # the admin's login, for the check's own client
+        assert_run_holds_everything_logged(srv.url, run_id, workdir, epochs=epochs)
+    shutil.rmtree(workdir / "spool", ignore_errors=True)

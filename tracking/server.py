@@ -1,0 +1,242 @@
+"""The team's MLflow server: ``mlflow server`` on PostgreSQL, proxied artifacts, logins.
+
+    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m tracking.server --data /srv/mlflow [--host H] [--port P]
+
+Everything it keeps lives under ``--data``:
+
+- ``postgres/``: a PostgreSQL cluster made here on first start (``initdb``), reached only
+  through a Unix socket in ``run/`` (no TCP port, no database password): the runs, the
+  model registry (database ``mlflow``) and the logins (database ``mlflow_auth``). Or give
+  ``--database-uri`` and ``--auth-database-uri`` to use a PostgreSQL server you run.
+- ``artifacts/``: the proxied artifact store. Clients upload and download through the
+  server (``--serve-artifacts``); they need ``MLFLOW_TRACKING_URI`` and a login, nothing else.
+- ``basic_auth.ini`` and ``secret_key``: MLflow's basic-auth app settings (new users may
+  read everything and change nothing they have not been granted) and its CSRF key.
+
+The admin password is read by MLflow from ``MLFLOW_AUTH_ADMIN_PASSWORD`` when it first
+creates the admin user; it is never written to a file or a command line. Run as root,
+PostgreSQL runs as the ``postgres`` system user (it refuses root). Stop with SIGTERM or
+Ctrl-C: MLflow first, then PostgreSQL. If MLflow dies, PostgreSQL is stopped and the
+command exits non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's own name for it
+DATABASE, AUTH_DATABASE, DB_USER = "mlflow", "mlflow_auth", "mlflow"
+
+
+class ServerError(RuntimeError):
+    """What stops the server from starting, said so the user can fix it."""
+
+
+def log(message: str) -> None:
+    print(f"mlflow-server: {message}", file=sys.stderr, flush=True)
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (initdb, pg_ctl, ...): on PATH, else Debian's newest."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                                   key=lambda p: int(p.split("/")[4]), reverse=True)), None)
+    if not found:
+        raise ServerError(f"PostgreSQL's {name} is not installed: apt-get install postgresql "
+                          "(or give --database-uri for a server you run)")
+    return found
+
+
+@dataclass
+class Cluster:
+    """A PostgreSQL cluster of our own under ``<data>/postgres``, on a Unix socket only."""
+
+    data: Path
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data / "postgres"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.data / "run"
+
+    def uri(self, database: str) -> str:
+        return f"postgresql+psycopg2://{DB_USER}@/{database}?host={self.socket_dir}"
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        """PostgreSQL refuses to run as root: as root, run it as the ``postgres`` user."""
+        if os.geteuid() != 0:
+            return list(cmd)
+        return ["runuser", "-u", "postgres", "--", *cmd]
+
+    def _run(self, *cmd: str) -> str:
+        result = subprocess.run(self._as_owner(*cmd), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ServerError(f"{Path(cmd[0]).name} failed:\n{result.stdout}{result.stderr}")
+        return result.stdout
+
+    def _give_to_owner(self, *paths: Path) -> None:
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise ServerError("running as root needs the 'postgres' system user "
+                                  "(apt-get install postgresql creates it)") from None
+            for path in paths:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    def start(self) -> None:
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if not (self.pgdata / "PG_VERSION").is_file():
+            log(f"creating a PostgreSQL cluster in {self.pgdata}")
+            self.pgdata.mkdir(mode=0o700, exist_ok=True)
+            self._give_to_owner(self.pgdata)
+            # trust on the socket only: its folder is ours alone (0700), and no TCP listener exists
+            self._run(postgres_bin("initdb"), "-D", str(self.pgdata), "-U", DB_USER, "-E", "UTF8",
+                      "--auth-local=trust", "--auth-host=reject")
+        self._give_to_owner(self.socket_dir)
+        log_file = self.data / "postgres.log"
+        log_file.touch()
+        self._give_to_owner(log_file)
+        self._run(postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60",
+                  "-o", f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}'", "start")
+        for database in (DATABASE, AUTH_DATABASE):
+            exists = self._run(postgres_bin("psql"), "-h", str(self.socket_dir), "-U", DB_USER, "-d", "postgres",
+                               "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
+            if not exists.strip():
+                self._run(postgres_bin("createdb"), "-h", str(self.socket_dir), "-U", DB_USER, database)
+        log(f"PostgreSQL is up (socket in {self.socket_dir})")
+
+    def stop(self) -> None:
+        if (self.pgdata / "postmaster.pid").exists():
+            subprocess.run(self._as_owner(postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
+                                          "stop"), capture_output=True)
+            log("PostgreSQL stopped")
+
+    def restart(self) -> None:
+        """Stop (fast: every connection is cut) and start again, with the same log and socket."""
+        self.stop()
+        self.start()
+
+
+def write_auth_config(data: Path, auth_database_uri: str) -> Path:
+    """MLflow's basic-auth settings: logins kept in PostgreSQL, new users read-only."""
+    config = configparser.ConfigParser()
+    config["mlflow"] = {
+        "default_permission": "READ",
+        "database_uri": auth_database_uri,
+        "admin_username": os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"),
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }
+    path = data / "basic_auth.ini"
+    with open(path, "w") as f:
+        config.write(f)
+    return path
+
+
+def secret_key(data: Path) -> str:
+    """The CSRF key of the login pages: the same across restarts, kept beside the data (0600)."""
+    path = data / "secret_key"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def mlflow_command(args: argparse.Namespace, database_uri: str) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", database_uri,
+            "--serve-artifacts", "--artifacts-destination", str(args.data / "artifacts"),
+            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+            "--app-name", "basic-auth"]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to MLflow and its workers (one process group), SIGKILL after 30 s; also
+    when MLflow itself has died and left workers behind."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tracking.server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder for the cluster, artifacts and auth settings")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=2, help="MLflow server processes (default 2)")
+    p.add_argument("--database-uri", help="a postgresql:// URI of a server you run, instead of our own cluster")
+    p.add_argument("--auth-database-uri", help="with --database-uri: another database, for the logins")
+    args = p.parse_args(argv)
+    if bool(args.database_uri) != bool(args.auth_database_uri):
+        p.error("--database-uri and --auth-database-uri go together (the logins need a database of their own)")
+    for uri in filter(None, (args.database_uri, args.auth_database_uri)):
+        if not uri.startswith(("postgresql://", "postgresql+")):
+            p.error(f"not a postgresql:// URI: {uri.split('@')[-1]}")
+    if not os.environ.get(ADMIN_PASSWORD_ENV):
+        p.error(f"set {ADMIN_PASSWORD_ENV} (the admin's password; it is read from the environment only)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.data = args.data.resolve()
+    args.data.mkdir(parents=True, exist_ok=True)
+    (args.data / "artifacts").mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:  # the postgres user must be able to pass through to its own folders
+        args.data.chmod(args.data.stat().st_mode | 0o111)
+    cluster = None if args.database_uri else Cluster(args.data)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server = None
+    try:
+        if cluster is not None:
+            cluster.start()
+        database_uri = args.database_uri or cluster.uri(DATABASE)  # type: ignore[union-attr]
+        auth_uri = args.auth_database_uri or cluster.uri(AUTH_DATABASE)  # type: ignore[union-attr]
+        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(args.data, auth_uri)),
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+               or secret_key(args.data),
+               # MLflow's GenAI job runners (seven processes, ~860 MB): nothing here submits jobs
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+        server = subprocess.Popen(mlflow_command(args, database_uri), env=env, start_new_session=True)
+        log(f"mlflow server (pid {server.pid}) starting on http://{args.host}:{args.port}, "
+            f"artifacts in {args.data / 'artifacts'}")
+        code = server.wait()
+        log(f"mlflow server exited with code {code}")
+        return code or 1
+    except KeyboardInterrupt:
+        return 0 if stopping else 130
+    except ServerError as e:
+        log(f"error: {e}")
+        return 1
+    finally:
+        if server is not None:
+            stop_group(server)
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
