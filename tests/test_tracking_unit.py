@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import pytest
 
@@ -48,6 +49,21 @@ def test_a_run_gets_params_metrics_and_tags(sqlite):
     assert run.info.run_name == "exp-1" and run.data.params == {"train.lr": "0.004"}
     assert run.data.tags["git_commit"] == "abc"
     assert run.data.metrics == {"loss": 0.5, "ok": 1.0}  # a bool is 1.0; a string is not a metric
+
+
+def test_the_tracker_counts_the_time_its_caller_spent_logging(sqlite, monkeypatch):
+    assert Tracker(None).seconds == 0.0
+    t = Tracker.start("timed", {"a": 1}, {})
+    after_start = t.seconds
+    assert after_start > 0  # creating the run and logging its params took time
+
+    def slow_apply(op: dict, run_id: str | None) -> str | None:
+        time.sleep(0.2)
+        return run_id
+
+    monkeypatch.setattr(ops, "apply", slow_apply)
+    t.log_metrics({"loss": 0.5}, step=1)
+    assert 0.2 <= t.seconds - after_start < 1.0  # the call's own time, counted once
 
 
 def test_a_dead_store_spools_everything_in_order_and_replay_restores_it(dead, tmp_path, monkeypatch):

@@ -33,6 +33,15 @@ class Connection:
 
     def __init__(self) -> None:
         self.offline = False
+        self.seconds = 0.0  # wall time the caller spent logging (MLflow calls and spool writes)
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def attempt(self, what: str, fn: Callable[[], T], lock_retries: int = 10) -> T | None:
         """fn() or, if MLflow fails, None, a one-line warning, and no more attempts.
@@ -89,18 +98,24 @@ class Tracker:
             return self.key
         return spool.ids().get(self.key)
 
+    @property
+    def seconds(self) -> float:
+        """Wall time this tracker has cost its caller so far."""
+        return self.connection.seconds
+
     @classmethod
     def start(cls, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> Tracker:
         connection = Connection()
-        connection.replay_pending()
-        op = {"op": "create_run", "run_name": run_name, "tags": {k: str(v) for k, v in tags.items()},
-              "start_time": int(time.time() * 1000)}
-        key = connection.attempt("start an MLflow run", lambda: ops.apply(op, None))
-        if key is None:
-            key = spool.PENDING + uuid.uuid4().hex
-            spool.add(key, op)
-            print(f"warning: MLflow: run {key} will be created when {store.tracking_uri()} answers "
-                  "(python -m stages.sync, or the next stage)", file=sys.stderr)
+        with connection.timed():
+            connection.replay_pending()
+            op = {"op": "create_run", "run_name": run_name, "tags": {k: str(v) for k, v in tags.items()},
+                  "start_time": int(time.time() * 1000)}
+            key = connection.attempt("start an MLflow run", lambda: ops.apply(op, None))
+            if key is None:
+                key = spool.PENDING + uuid.uuid4().hex
+                spool.add(key, op)
+                print(f"warning: MLflow: run {key} will be created when {store.tracking_uri()} answers "
+                      "(python -m stages.sync, or the next stage)", file=sys.stderr)
         tracker = cls(key, connection)
         tracker.log_params(params)
         return tracker
@@ -119,11 +134,12 @@ class Tracker:
     def _do(self, what: str, op: dict) -> None:
         if self.key is None:
             return
-        if self.key not in spool.pending_keys():  # nothing of this run waits in the spool: keep the order
-            run_id = self.run_id
-            if run_id and self.connection.attempt(what, lambda: ops.apply(op, run_id)) is not None:
-                return
-        spool.add(self.key, op)
+        with self.connection.timed():
+            if self.key not in spool.pending_keys():  # nothing of this run waits in the spool: keep the order
+                run_id = self.run_id
+                if run_id and self.connection.attempt(what, lambda: ops.apply(op, run_id)) is not None:
+                    return
+            spool.add(self.key, op)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if params:
@@ -178,11 +194,12 @@ class Tracker:
                 m = SystemMetricsMonitor(run_id, sampling_interval=5, tracking_uri=store.tracking_uri())
                 m.start()
                 return m
-            monitor = self.connection.attempt("start system metrics", start)
+            with self.connection.timed():
+                monitor = self.connection.attempt("start system metrics", start)
         try:
             yield
         finally:
             if monitor is not None:
-                with contextlib.suppress(Exception), warnings.catch_warnings():
+                with self.connection.timed(), contextlib.suppress(Exception), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     monitor.finish()
