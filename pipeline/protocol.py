@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,11 +45,12 @@ class ModelSpec:
     platform: str
     input: TensorSpec
     output: TensorSpec
+    parameters: dict[str, str] = field(default_factory=dict)  # provenance, contract, sha256, registry version
 
     def metadata(self) -> dict:
         tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
-                "inputs": [tensor(self.input)], "outputs": [tensor(self.output)]}
+                "inputs": [tensor(self.input)], "outputs": [tensor(self.output)], "parameters": self.parameters}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from pipeline import atomic, contract
 from pipeline.params import require
@@ -30,7 +31,7 @@ class QuantizeConfig:
 
 def quantize_int8(model_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray) -> None:
     """Write the INT8 version of ``model_path`` to ``out_path``, calibrated on ``calibration``
-    (the model's input: float32 (N, 1, 28, 28) in [0, 1])."""
+    (the model's input: float32 (N, 1, 28, 28) in [0, 1]), carrying the source's metadata."""
     from onnxruntime import quantization as q
 
     class Reader(q.CalibrationDataReader):
@@ -47,4 +48,9 @@ def quantize_int8(model_path: str | os.PathLike, out_path: str | os.PathLike, ca
         q.quantize_static(str(pre), str(int8), Reader(), quant_format=q.QuantFormat.QDQ,
                           per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
                           weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
-        atomic.write_bytes(out_path, int8.read_bytes())
+        proto, source = onnx.load(str(int8)), onnx.load(str(model_path))
+    # the same provenance and input contract as the model it was made from
+    proto.producer_name, proto.producer_version = source.producer_name, source.producer_version
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(source.metadata_props)
+    atomic.write_bytes(out_path, proto.SerializeToString())

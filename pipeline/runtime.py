@@ -7,6 +7,7 @@ Providers are asked for explicitly, and what a result is labelled with comes fro
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,6 +109,16 @@ class Session:
     def run(self, x: np.ndarray) -> np.ndarray:
         name = self.session.get_inputs()[0].name
         return self.session.run(None, {name: x})[0]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (hex): its identity from the registry (a version tag) to the service."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """What the file says about itself: its metadata_props (provenance and input contract)."""
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def session_options(threads: int = 0, graph_opt: str = "all", config: dict[str, str] | None = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import http
 import http.server
 import json
@@ -72,11 +71,6 @@ class ServeConfig:
         require(self.max_body_bytes >= 1024, "serve.max_body_bytes", self.max_body_bytes, "at least 1024")
         require(self.idle_timeout_s > 0, "serve.idle_timeout_s", self.idle_timeout_s, "a number > 0")
         require(self.shutdown_grace_s >= 0, "serve.shutdown_grace_s", self.shutdown_grace_s, "a number >= 0")
-
-
-def model_version(path: str | os.PathLike) -> str:
-    """A version that names the bytes served: the first 12 hex digits of the file's SHA-256."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 _STOP = object()  # put on the queue by Batcher.close
@@ -161,8 +155,10 @@ class Batcher:
 class Service:
     """The model, its batcher and the state every request handler shares."""
 
-    def __init__(self, model_path: str | os.PathLike, name: str, cfg: ServeConfig):
+    def __init__(self, model_path: str | os.PathLike, name: str, cfg: ServeConfig,
+                 parameters: dict[str, str] | None = None):
         self.cfg = cfg
+        self.parameters = parameters or {}  # said about the model beside its own metadata (registry version)
         self.model_path = Path(model_path)
         self.ready = threading.Event()
         self.draining = threading.Event()
@@ -183,10 +179,12 @@ class Service:
 
         def dims(v: onnx.ValueInfoProto) -> tuple[int, ...]:
             return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+        sha256 = runtime.sha256(self.model_path)
         self.spec = protocol.ModelSpec(
-            name=self.name, version=model_version(self.model_path), platform="onnxruntime_onnx",
+            name=self.name, version=sha256[:12], platform="onnxruntime_onnx",
             input=protocol.TensorSpec(graph_in.name, "FP32", dims(graph_in)),
-            output=protocol.TensorSpec(graph_out.name, "FP32", dims(graph_out)))
+            output=protocol.TensorSpec(graph_out.name, "FP32", dims(graph_out)),
+            parameters={**runtime.metadata(model), "sha256": sha256, **self.parameters})
         self.session = runtime.open_session(model, self.cfg.provider, self.cfg.threads)
         del model  # the session holds its own copy; the protobuf would only cost memory
         # Without batching, each request runs alone: a batch limit of 1 image never joins two jobs.
@@ -458,9 +456,11 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: bool = False,
-          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
-    """Run the service until SIGTERM or SIGINT; returns the process exit code."""
-    service = Service(model_path, name, cfg)
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+          parameters: dict[str, str] | None = None) -> int:
+    """Run the service until SIGTERM or SIGINT; returns the process exit code. ``parameters``
+    join the model file's own metadata in GET /v2/models/<name>."""
+    service = Service(model_path, name, cfg, parameters)
     try:
         server = Server(service, verbose)  # bound now: /v2/health/live answers during warm-up
     except OSError as e:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from pipeline import atomic, contract, data, export, runtime
 from pipeline.contract import RegistryConfig
 from pipeline.model import ModelConfig, Net
 from stages import _cli
+from tracking.provenance import model_provenance, package_version
 from tracking.run import Tracker
 
 
@@ -17,8 +19,11 @@ def main(args: argparse.Namespace) -> None:
     cfg = _cli.section(export.ExportConfig, "export", all_params)
     registry = _cli.section(RegistryConfig, "registry", all_params)
     model = Net.from_weights(model_cfg, args.weights)
+    run_key = args.run_id.read_text().strip() if args.run_id.is_file() else ""
+    provenance = model_provenance(args.data, run_key, json.loads(args.train_metrics.read_text())["device"],
+                                  {k: all_params.get(k) for k in ("model", "train")})
 
-    export.export_onnx(model, args.out, cfg)
+    export.export_onnx(model, args.out, cfg, provenance, package_version(contract.PRODUCER))
     proto = runtime.load_checked(args.out)  # what a user gets: the file as written, re-read
     images, _ = data.load_split(args.data, "test")
     x = contract.to_input(images[:cfg.parity_images])
@@ -30,8 +35,9 @@ def main(args: argparse.Namespace) -> None:
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in report.items() if k.startswith("parity_") or k == "onnx_bytes"})
     example = x[:2]
-    tracker.log_onnx_model(args.out, example, session.run(example), registry.model_name,
-                           {k: v for k, v in report.items() if k.startswith("parity_")})
+    tracker.log_onnx_model(args.out, example, session.run(example), registry.model_name,  # sha256: the
+                           {**{k: v for k, v in report.items() if k.startswith("parity_")},  # file's identity
+                            "sha256": runtime.sha256(args.out)})
     print(f"{args.out}: {report['onnx_bytes'] / 1e6:.1f} MB, opset {cfg.opset}; onnxruntime vs PyTorch "
           f"on {len(x)} test images: max |diff| {report['parity_max_abs_diff']:.2e}, "
           f"argmax agreement {report['parity_argmax_agreement']:.2%}")
@@ -42,6 +48,7 @@ if __name__ == "__main__":
     parser.add_argument("--weights", type=Path, required=True, help="the trained state_dict (.pt)")
     parser.add_argument("--data", type=Path, required=True, help="folder of the IDX files (for parity)")
     parser.add_argument("--run-id", type=Path, required=True, help="file holding the MLflow run id")
+    parser.add_argument("--train-metrics", type=Path, required=True, help="the train stage's metrics (its device)")
     parser.add_argument("--out", type=Path, required=True, help="out: model.onnx")
     parser.add_argument("--metrics", type=Path, required=True, help="out: parity report (JSON)")
     _cli.run(main, parser)

@@ -4,7 +4,8 @@
     python -m stages.serve --model models/model.onnx --port 9000 --max-batch 64
 
 Settings come from the ``serve`` section of params.yaml; a flag overrides its key.
-PyTorch is never imported: this process needs only onnxruntime, numpy and Pillow.
+PyTorch is never imported: this process needs only onnxruntime, numpy and Pillow (and MLflow,
+to name the registry version of the file served, when the tracking store can be read).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipeline import contract, serve
+from pipeline import contract, runtime, serve
 from pipeline.params import ParamError
 from stages import _cli
+from tracking.registry import identity
 
 
 def main(args: argparse.Namespace) -> None:
@@ -28,7 +30,9 @@ def main(args: argparse.Namespace) -> None:
     except TypeError as e:
         raise ParamError(str(e)) from None
     name = args.name or _cli.section(contract.RegistryConfig, "registry", params).model_name
-    sys.exit(serve.serve(args.model, name, cfg, verbose=args.verbose))
+    # the registry version whose file is this one, when the tracking store can be read
+    found = identity(name, runtime.sha256(args.model)) if args.model.is_file() else {}
+    sys.exit(serve.serve(args.model, name, cfg, verbose=args.verbose, parameters=found))
 
 
 if __name__ == "__main__":

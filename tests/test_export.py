@@ -144,3 +144,19 @@ def test_the_same_weights_give_the_same_bytes_wherever_the_checkout_is(exported,
     assert outs[0] == outs[1]
     for path in (REPO, clone, Path(sys.prefix)):
         assert str(path).encode() not in outs[0], path
+
+
+def test_the_file_states_its_contract_producer_and_the_metadata_given(exported, tmp_path):
+    model, _ = exported
+    path = tmp_path / "stamped.onnx"
+    given = {"mlflow_run_id": "abc123", "git_commit": "f" * 40, "data_md5": "d0.dir"}
+    export.export_onnx(model, path, export.ExportConfig(), given, "9.9.9")
+    proto = runtime.load_checked(path)
+    assert (proto.producer_name, proto.producer_version) == (contract.PRODUCER, "9.9.9")
+    meta = runtime.metadata(proto)
+    assert meta == {**contract.INPUT_CONTRACT, **given}
+    assert meta["labels"] == "0,1,2,3,4,5,6,7,8,9" and meta["input_layout"] == "NCHW"
+    assert [p.key for p in proto.metadata_props] == sorted(meta)  # one order: the same inputs, the same bytes
+    again = tmp_path / "again.onnx"
+    export.export_onnx(model, again, export.ExportConfig(), dict(reversed(list(given.items()))), "9.9.9")
+    assert again.read_bytes() == path.read_bytes()

@@ -37,7 +37,7 @@ def repo(tmp_path_factory, mirror):
 
 def test_repro_runs_every_stage_and_writes_the_outs(repo):
     root, _, out = repo
-    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark"):
+    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "card"):
         assert f"Running stage '{stage}'" in out
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["params"] == (5 * 5 * 1 + 1) * 8 + (5 * 5 * 8 + 1) * 16 + (784 + 1) * 64 + (64 + 1) * 10
@@ -64,6 +64,95 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     triton = root / "models/triton/mnist-cnn-onnx"
     assert (triton / "1/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
     assert 'backend: "onnxruntime"' in (triton / "config.pbtxt").read_text()
+
+
+def test_the_model_files_say_where_they_came_from(repo, tmp_path):
+    """Provenance and the input contract inside model.onnx, its INT8 twin and the Triton copy;
+    a second export of the same weights gives the same bytes."""
+    import onnx
+
+    from pipeline import runtime
+    from tracking.provenance import params_md5
+
+    root, env, _ = repo
+    model = onnx.load(root / "models/model.onnx")
+    meta = runtime.metadata(model)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert (meta["git_commit"], meta["git_dirty"]) == (head, "False")  # the pipeline's own outputs don't count
+    assert meta["mlflow_run_id"] == (root / "models/mlflow_run_id").read_text().strip()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    [raw] = [o for o in lock["stages"]["download"]["outs"] if o["path"] == "data/raw"]
+    assert meta["data_md5"] == raw["md5"]  # DVC's own hash of the data the model was trained on
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert meta["params_md5"] == params_md5({k: params[k] for k in ("model", "train")})
+    assert meta["training_device"] == "cpu" and meta["torch_version"] and meta["onnx_version"] == onnx.__version__
+    assert (meta["input_layout"], meta["input_shape"], meta["labels"]) == ("NCHW", "N,1,28,28", "0,1,2,3,4,5,6,7,8,9")
+    assert model.producer_name == "mnist-onnx"
+    int8 = onnx.load(root / "models/model.int8.onnx")
+    assert runtime.metadata(int8) == meta and int8.producer_name == "mnist-onnx"
+    triton = root / "models/triton/mnist-cnn-onnx/1/model.onnx"
+    assert runtime.metadata(onnx.load(triton)) == meta
+
+    again = tmp_path / "model.onnx"  # the same stage again, on its own MLflow store
+    result = _stage(root, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                           "MLFLOW_SPOOL_DIR": str(tmp_path / "spool")},
+                    "stages.export", "--weights", "models/model.pt", "--data", "data/raw",
+                    "--run-id", "models/mlflow_run_id", "--train-metrics", "metrics/train.json",
+                    "--out", str(again), "--metrics", str(tmp_path / "export.json"))
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == (root / "models/model.onnx").read_bytes()
+
+
+def test_the_model_card_says_what_the_metrics_say(repo):
+    import csv
+
+    from pipeline import runtime
+
+    root, _, _ = repo
+    page = (root / "reports/model_card.md").read_text()
+    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    quantized = json.loads((root / "metrics/quantize.json").read_text())
+    assert f"**{evaluation['accuracy']:.2%}** ({evaluation['errors']} errors in 10,000)" in page
+    assert f"{quantized['int8_accuracy']:.2%}, {quantized['int8_accuracy_delta'] * 100:+.2f} points" in page
+    rows = list(csv.DictReader((root / "plots/confusion.csv").open()))
+    sevens = [r for r in rows if r["actual"] == "7"]
+    right = sum(r["predicted"] == "7" for r in sevens) / len(sevens)
+    assert f"| 7 | {len(sevens):,} | {right:.2%} |" in page
+    meta = runtime.metadata(runtime.load_checked(root / "models/model.onnx"))
+    assert runtime.sha256(root / "models/model.onnx") in page and meta["data_md5"] in page
+    for picture in ("../plots/confusion.png", "../plots/misclassified.png"):  # links that resolve
+        assert f"]({picture})" in page and (root / "reports" / picture).resolve().is_file()
+
+
+def test_one_identity_from_registry_to_predict_info_and_the_service(repo, monkeypatch):
+    import urllib.request
+
+    import mlflow
+
+    from pipeline import runtime
+    from tests.helpers import SpawnedServer
+
+    root, env, _ = repo
+    model = root / "models/model.onnx"
+    sha256 = runtime.sha256(model)
+    run_id = (root / "models/mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    [version] = client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.tags["sha256"] == sha256  # the registry names the file by its bytes
+
+    info = _stage(root, env, "stages.predict", "--info", "--json")
+    assert info.returncode == 0, info.stderr
+    about = json.loads(info.stdout)
+    meta = runtime.metadata(runtime.load_checked(model))
+    assert about["sha256"] == sha256 and about["registry_version"] == str(version.version)
+    assert {k: about[k] for k in meta} == meta
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    with SpawnedServer(model) as server:
+        with urllib.request.urlopen(f"{server.url}/v2/models/mnist-cnn-onnx", timeout=30) as r:
+            parameters = json.loads(r.read())["parameters"]
+    assert parameters["sha256"] == sha256 and parameters["registry_version"] == str(version.version)
+    assert parameters["git_commit"] == meta["git_commit"] and parameters["mlflow_run_id"] == run_id
 
 
 def test_second_repro_runs_nothing(repo):

@@ -63,7 +63,9 @@ def test_health_metadata_and_the_page(server, served_model):
     assert call(server.url, "GET", "/v2/health/live")[:2] == (200, {"live": True})
     assert call(server.url, "GET", "/v2/health/ready")[:2] == (200, {"ready": True})
     status, meta, _ = call(server.url, "GET", f"/v2/models/{NAME}")
-    assert status == 200 and meta["versions"] == [serve.model_version(served_model)]
+    sha256 = runtime.sha256(served_model)
+    assert status == 200 and meta["versions"] == [sha256[:12]]
+    assert meta["parameters"] == {**contract.INPUT_CONTRACT, "sha256": sha256}  # what the file says, and its hash
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert call(server.url, "GET", f"/v2/models/{NAME}/versions/{meta['versions'][0]}")[0] == 200

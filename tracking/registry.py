@@ -7,6 +7,7 @@ new version of ``registry.model_name``, with the alias ``candidate`` moved to it
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,26 @@ def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_n
         registered = mlflow.register_model(info.model_uri, registered_name, tags=version_tags)
         mlflow.MlflowClient().set_registered_model_alias(registered_name, CANDIDATE, registered.version)
         print(f"registered {registered_name} version {registered.version} (alias '{CANDIDATE}')")
+
+
+def identity(name: str, sha256: str) -> dict[str, str]:
+    """{"registry_model", "registry_version"} of the file with this SHA-256, or {} (see version_of)."""
+    version = version_of(name, sha256)
+    return {"registry_model": name, "registry_version": version} if version else {}
+
+
+def version_of(name: str, sha256: str) -> str | None:
+    """The registered version of ``name`` whose file has this SHA-256 (its ``sha256`` tag), or
+    None: none has, or the tracking store can't be read (a missing sqlite file is not created)."""
+    uri = store.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        versions = store.client().search_model_versions(f"name = '{name}' and tags.sha256 = '{sha256}'")
+    except Exception:  # noqa: BLE001 - the store is optional here: down, locked, or without that model
+        return None
+    newest = max((int(v.version) for v in versions), default=None)
+    return None if newest is None else str(newest)
 
 
 def tag_model_versions(mlflow_client: Any, run_id: str, tags: dict[str, str]) -> None:

@@ -1,0 +1,143 @@
+"""The model card: what the model is, what it is for, how good and how fast it is, where it
+fails and where it came from, as one Markdown page (reports/model_card.md).
+
+Every number comes from the pipeline's own metrics files and the model file's metadata;
+nothing here is typed in by hand.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import contract
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    metadata: dict[str, str]  # the model file's metadata_props
+    sha256: str
+    onnx_bytes: int
+    train: dict  # metrics/train.json
+    evaluate: dict  # metrics/evaluate.json
+    quantize: dict  # metrics/quantize.json
+    benchmark: dict  # metrics/benchmark.json
+    actual: np.ndarray  # the test labels, and what the model answered (plots/confusion.csv)
+    predicted: np.ndarray
+    pictures: dict[str, str]  # {"confusion": path, "misclassified": path}, relative to the card
+
+
+def per_class(actual: np.ndarray, predicted: np.ndarray) -> list[tuple[str, int, float]]:
+    """(label, test images, accuracy) per class; NaN for a class with no test image."""
+    rows = []
+    for c, label in enumerate(contract.LABELS):
+        mine = actual == c
+        rows.append((label, int(mine.sum()), float((predicted[mine] == c).mean()) if mine.any() else float("nan")))
+    return rows
+
+
+def confusions(actual: np.ndarray, predicted: np.ndarray, top: int = 5) -> list[tuple[str, str, int]]:
+    """The most frequent mistakes: (true label, answer, how many), most frequent first."""
+    wrong = Counter((int(a), int(p)) for a, p in zip(actual, predicted) if a != p)
+    return [(contract.LABELS[a], contract.LABELS[p], n) for (a, p), n in wrong.most_common(top)]
+
+
+def _ms(benchmark: dict, path: str, precision: str, batch: int, key: str) -> float | None:
+    for row in benchmark.get("rows", []):
+        if (row["path"], row["precision"], row["batch"]) == (path, precision, batch):
+            return row[key]
+    return None
+
+
+def render(c: CardInputs) -> str:
+    m, ev, tr, q, b = c.metadata, c.evaluate, c.train, c.quantize, c.benchmark
+    classes = per_class(c.actual, c.predicted)
+    mistakes = confusions(c.actual, c.predicted)
+    hw = b.get("hardware", {})
+    lines = [
+        "# Model card: the MNIST CNN (TensorFlow tutorial), ONNX",
+        "",
+        "## What it is and what it is for",
+        "",
+        "A convolutional network that reads one handwritten digit, 0 to 9, from a 28x28 grey picture:",
+        "conv 5x5x32 -> max pool -> conv 5x5x64 -> max pool -> fc 1024 -> dropout -> fc 10, as in the",
+        f"TensorFlow tutorial; {tr['params']:,} parameters, {c.onnx_bytes / 1e6:.1f} MB of ONNX. For teaching,",
+        "for testing a deployment path end to end, and for reading single digits written on a clean",
+        "background. It is not for letters, several digits at once, or anything where a wrong answer costs",
+        "more than a retry: see the limitations below.",
+        "",
+        "## Input contract",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| input | `{m.get('input_name')}`, {m.get('input_dtype')}, shape `{m.get('input_shape')}`, "
+        f"layout {m.get('input_layout')} |",
+        f"| pixels | {m.get('input_range')}, {m.get('input_polarity')}, the digit centred by its centre of mass |",
+        f"| output | `{m.get('output_name')}`: {m.get('output')} `{m.get('labels')}` (argmax = the digit) |",
+        "",
+        "## Training data",
+        "",
+        f"MNIST: {ev['images']:,} test images held out; training on the 60,000 training images "
+        f"(DVC hash of `data/raw`: `{m.get('data_md5')}`), trained on {tr['device']} "
+        f"at {tr['images_per_s']:,.0f} images/s.",
+        "",
+        "## How good it is",
+        "",
+        f"- Test accuracy (onnxruntime, the deployed file): **{ev['accuracy']:.2%}** "
+        f"({ev['errors']} errors in {ev['images']:,}); test loss {ev['loss']:.4f}.",
+        f"- INT8 model (`model.int8.onnx`): {q['int8_accuracy']:.2%}, "
+        f"{q['int8_accuracy_delta'] * 100:+.2f} points against FP32.",
+        "",
+        "| digit | test images | accuracy |",
+        "| --- | ---: | ---: |",
+        *(f"| {label} | {n:,} | {acc:.2%} |" for label, n, acc in classes),
+        "",
+        f"![Confusion matrix]({c.pictures['confusion']})",
+        "",
+        "## How fast it is",
+        "",
+    ]
+    p50 = _ms(b, "onnxruntime-cpu", "fp32", 1, "p50_ms")
+    best = b.get("ort_cpu_fp32_best_images_per_s")
+    if p50 is not None and best is not None:
+        lines += [f"On {hw.get('cpu', 'the benchmark CPU')} ({hw.get('cores', '?')} cores), onnxruntime on the CPU: "
+                  f"{p50:.2f} ms per single image (p50), up to {best:,.0f} images/s in batches. "
+                  "Other machines differ: run `dvc repro benchmark` on yours (see the README's Performance)."]
+    else:
+        lines += ["Not measured: the benchmark has no onnxruntime CPU row."]
+    lines += [
+        "",
+        "## Known limitations",
+        "",
+        "- Digits only, one per picture, upright; letters or several digits are read as some digit anyway:",
+        "  the model always answers one of its ten labels.",
+        "- The input contract above: black ink on white must be inverted first (`stages.predict` and the",
+        "  service do it for pictures), and digits are expected centred as MNIST centres them.",
+        f"- Weakest digit: {min(classes, key=lambda r: r[2])[0]} "
+        f"({min(r[2] for r in classes):.2%}). The most frequent mistakes on the test set:",
+        "",
+        "| true digit | read as | times |",
+        "| --- | --- | ---: |",
+        *(f"| {a} | {p} | {n} |" for a, p, n in mistakes),
+        "",
+        f"![Misclassified test digits]({c.pictures['misclassified']})",
+        "",
+        "MNIST was written by American census employees and students: other handwriting styles (a crossed 7,",
+        "a 1 with a flag) are rarer in it and may read worse than these figures.",
+        "",
+        "## Provenance",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| file SHA-256 | `{c.sha256}` |",
+        *(f"| {key} | `{m[key]}` |" for key in ("git_commit", "git_dirty", "mlflow_run_id", "data_md5",
+                                              "params_md5", "params_sections", "training_device",
+                                              "torch_version", "onnx_version") if key in m),
+        "",
+        "The same fields are in the model file's `metadata_props` (`python -m stages.predict --info`),",
+        "the SHA-256 is the `sha256` tag of its MLflow registry version, and the service shows both under",
+        "`parameters` at `GET /v2/models/<name>`.",
+        "",
+    ]
+    return "\n".join(lines)
