@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint
+from pipeline.distributed import World
 from pipeline.params import require
 
 M = TypeVar("M", bound=nn.Module)
@@ -42,6 +43,7 @@ class TrainConfig:
     subset: int = 0  # train on the first N images only (0 = all 60,000); for quick checks
     checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end of each epoch)
     gpu_precision: Literal["fp32", "tf32", "bf16"] = "tf32"  # CUDA only; the CPU always trains in fp32
+    processes: int | Literal["auto"] = 1  # >1: torchrun + DDP (gloo on CPU, NCCL on GPUs); auto: one per GPU
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "a whole number >= 1")
@@ -52,6 +54,8 @@ class TrainConfig:
         require(self.subset >= 0, "train.subset", self.subset, "a whole number >= 0 (0 = all images)")
         require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
                 "a whole number of steps >= 0 (0 = once per epoch)")
+        require(self.processes == "auto" or int(self.processes) >= 1, "train.processes", self.processes,
+                "a whole number >= 1, or auto (one per GPU)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,12 +146,15 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                 epoch: int, on_step: Callable[[int, float], None] | None = None, log_every: int = 20,
                 start_step: int = 0, totals: dict | None = None,
-                after_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+                after_step: Callable[[int, dict], None] | None = None, world: World | None = None) -> dict[str, float]:
     """One pass over (x, y) in a seeded random order; returns loss, accuracy, images/s, seconds.
 
     ``start_step`` and ``totals`` continue an epoch that a checkpoint interrupted;
     ``after_step(next_step, totals)`` runs after every step (the caller checkpoints there).
+    On several processes (``world``), ``model`` is the DDP-wrapped one: each rank computes its
+    slice of every global batch, and the returned sums are over all ranks.
     """
+    world = world or World()
     model.train()
     order = epoch_order(len(x), cfg.seed, epoch, x.device)
     totals = totals or new_totals(x.device)
@@ -155,15 +162,19 @@ def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
     for step in range(start_step, steps_per_epoch(len(x), cfg.batch_size)):
         start = step * cfg.batch_size
         idx = order[start:start + cfg.batch_size]
-        xb, yb = x[idx], y[idx]  # (B, 1, 28, 28), (B,)
+        mine = world.shard(idx)  # this rank's slice of the global batch
+        xb, yb = x[mine], y[mine]  # (B, 1, 28, 28), (B,)
         with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda and cfg.gpu_precision == "bf16"):
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            if world.size == 1:
+                loss = F.cross_entropy(logits, yb)
+            else:  # DDP averages the ranks' gradients: scaled so that gives the global batch's mean
+                loss = F.cross_entropy(logits, yb, reduction="sum") * (world.size / len(idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        totals["loss_sum"] += loss.detach() * len(idx)  # stays on the device: no sync inside the epoch
+        totals["loss_sum"] += loss.detach() * (len(idx) / world.size)  # this rank's sum; no sync in the epoch
         totals["correct"] += (logits.argmax(1) == yb).sum()
         if on_step is not None and (step + 1) % log_every == 0:
             on_step(min(start + cfg.batch_size, len(x)), loss.item())
@@ -177,10 +188,10 @@ def train_epoch(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, 
     totals["seconds"] += time.perf_counter() - t_last
     if on_step is not None:
         on_step(len(x), loss.item() if start_step < steps_per_epoch(len(x), cfg.batch_size) else 0.0)
-    seconds = totals["seconds"]
+    seconds = world.max(totals["seconds"])  # the epoch lasts as long as its slowest rank
     return {
-        "loss": totals["loss_sum"].item() / len(x),
-        "train_acc": totals["correct"].item() / len(x),  # running accuracy, measured with dropout on
+        "loss": world.sum(totals["loss_sum"]).item() / len(x),
+        "train_acc": world.sum(totals["correct"]).item() / len(x),  # running accuracy, with dropout on
         # every image of the epoch over the time of every step, those before a resume included
         # (``totals`` carries both): the same span on both sides of the division
         "images_per_s": len(x) / seconds if seconds else 0.0,
@@ -211,8 +222,13 @@ class Training:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-                 checkpoint_path: str | os.PathLike | None = None, fingerprint: str = ""):
+                 checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "",
+                 world: World | None = None):
         self.model, self.cfg, self.x, self.y = model, cfg, x, y
+        self.world = world or World()
+        # on several processes the steps run through DDP, which averages the ranks' gradients
+        self.net: nn.Module = model if self.world.size == 1 else nn.parallel.DistributedDataParallel(
+            model, device_ids=[x.device.index] if x.is_cuda else None)
         self.opt, self.sched = make_optimizer(model, cfg, steps_per_epoch(len(x), cfg.batch_size))
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
         self.epoch, self.step = 0, 0  # the next epoch to run, and the next step within it
@@ -223,17 +239,24 @@ class Training:
 
     @classmethod
     def start(cls, model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-              checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "") -> Training:
-        """A new run, or the killed one ``checkpoint_path`` holds (CheckpointError if it can't be trusted)."""
-        training = cls(model, cfg, x, y, checkpoint_path, fingerprint)
+              checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "",
+              world: World | None = None) -> Training:
+        """A new run, or the killed one ``checkpoint_path`` holds (CheckpointError if it can't be
+        trusted). Every rank reads the same checkpoint (one file system) and takes its own RNG state."""
         state = checkpoint.load(checkpoint_path, fingerprint) if checkpoint_path else None
-        if state is not None:
+        if state is not None:  # before DDP wraps the model: it broadcasts rank 0's weights
             model.load_state_dict(state["model"])
+        training = cls(model, cfg, x, y, checkpoint_path, fingerprint, world)
+        if state is not None:
             training.opt.load_state_dict(state["optimizer"])
             training.sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng_cpu"])
-            if x.is_cuda and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"], x.device)
+            rng_cpu, rng_cuda = state["rng_cpu"], state.get("rng_cuda")
+            if isinstance(rng_cpu, list):  # one per rank
+                rank = training.world.rank
+                rng_cpu, rng_cuda = rng_cpu[rank], (rng_cuda or [None] * len(rng_cpu))[rank]
+            torch.set_rng_state(rng_cpu)
+            if x.is_cuda and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda, x.device)
             training.epoch, training.step, training.history = state["epoch"], state["step"], state["history"]
             training.totals = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in state["totals"].items()}
             training.meta, training.resumed = state["meta"], True
@@ -245,8 +268,8 @@ class Training:
     def run_epoch(self, on_step: Callable[[int, float], None] | None = None) -> dict:
         """Train the current epoch from where it stands; returns its row (epoch number from 1)."""
         after_step = self._after_step if self.checkpoint_path else None
-        row = train_epoch(self.model, self.opt, self.sched, self.x, self.y, self.cfg, self.epoch, on_step,
-                          start_step=self.step, totals=self.totals, after_step=after_step)
+        row = train_epoch(self.net, self.opt, self.sched, self.x, self.y, self.cfg, self.epoch, on_step,
+                          start_step=self.step, totals=self.totals, after_step=after_step, world=self.world)
         return {"epoch": self.epoch + 1, **row}
 
     def end_epoch(self, row: dict) -> None:
@@ -257,13 +280,18 @@ class Training:
             self.save()
 
     def save(self) -> None:
+        """Every rank calls it at the same step; rank 0 writes, with every rank's RNG state."""
         assert self.checkpoint_path is not None
         x = self.x
+        rng: Any = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        if self.world.size > 1:  # [rank 0's, rank 1's, ...] of each
+            rng = tuple(map(list, zip(*self.world.gather(rng))))
+        if not self.world.main:
+            return
         checkpoint.save(self.checkpoint_path, {
             "fingerprint": self.fingerprint, "meta": self.meta, "epoch": self.epoch, "step": self.step,
             "history": self.history, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(x.device) if x.is_cuda else None,
+            "scheduler": self.sched.state_dict(), "rng_cpu": rng[0], "rng_cuda": rng[1],
             "totals": {k: (v.cpu() if torch.is_tensor(v) else v)
                        for k, v in (self.totals or new_totals(x.device)).items()},
         })

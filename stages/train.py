@@ -8,17 +8,18 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, checkpoint, data, params, train
+from pipeline import atomic, checkpoint, data, distributed, params, train
 from pipeline.model import ModelConfig, Net, count_params
 from stages import _cli
 from tracking.provenance import git_tags, package_version
-from tracking.run import Tracker, note_opened_run, opened_run
+from tracking.run import Tracker, summary_metrics, training_run
 
 
 def main(args: argparse.Namespace) -> None:
@@ -26,7 +27,13 @@ def main(args: argparse.Namespace) -> None:
     model_cfg = _cli.section(ModelConfig, "model", all_params)  # validated before any work
     cfg = _cli.section(train.TrainConfig, "train", all_params)
     device = train.resolve_device(cfg.device)
-    train.seed_everything(cfg.seed, cfg.threads)
+    if (n := distributed.wanted(cfg.processes, device)) > 1 and not distributed.launched():
+        print(f"train: starting {n} processes with torchrun", flush=True)  # they run this same command
+        command = distributed.torchrun_command(n, "stages.train", sys.argv[1:])
+        os.execv(command[0], command)  # this process becomes torchrun's agent: killing it ends the workers
+    world = distributed.init(device)
+    device = distributed.device_of(world, device)
+    train.seed_everything(cfg.seed + world.rank, distributed.threads_per_process(cfg.threads, world))
     train.keep_freed_memory()
     train.configure_device(device, cfg)
 
@@ -38,39 +45,36 @@ def main(args: argparse.Namespace) -> None:
 
     model = train.prepare(Net(model_cfg), device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x))
-    training = train.Training.start(model, cfg, x, y, args.checkpoint, fingerprint)
-    # The run a killed training opened: from its checkpoint, or, killed before the first
-    # checkpoint, from the note written when the run was opened. Either way, one run.
-    run_note = args.checkpoint.with_name(args.checkpoint.name + ".run")
-    key = training.meta.get("run_id") or opened_run(run_note, fingerprint)
-    if training.resumed:
+    fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x), world.size)
+    training = train.Training.start(model, cfg, x, y, args.checkpoint, fingerprint, world)
+    if training.resumed and world.main:
         print(f"resuming from {args.checkpoint}: epoch {training.epoch + 1}, step {training.step}")
-    if key:
-        tracker = Tracker(key)  # an MLflow run id, or a pending one
-        print(f"continuing MLflow run {key}, opened by a training that was killed")
-    else:
-        outputs = (args.model, args.metrics, args.plots, args.run_id)  # DVC deletes them before we run
-        tracker = Tracker.start(
-            os.environ.get("DVC_EXP_NAME"), params.flatten({k: all_params.get(k) for k in ("model", "train")}),
-            {**git_tags(exclude=outputs), "device": device_name, "torch": torch.__version__,
-             "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"},
-        )
-        note_opened_run(run_note, fingerprint, tracker.key)
+    run_note = args.checkpoint.with_name(args.checkpoint.name + ".run")
+    outputs = (args.model, args.metrics, args.plots, args.run_id)  # DVC deletes them before we run
+    tracker = Tracker(None) if not world.main else training_run(
+        training.meta.get("run_id"), run_note, fingerprint, os.environ.get("DVC_EXP_NAME"),
+        {**params.flatten({k: all_params.get(k) for k in ("model", "train")}), "train.world_size": world.size},
+        lambda: {**git_tags(exclude=outputs), "device": device_name, "torch": torch.__version__,
+                 "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"})
     opening_s = tracker.seconds  # importing MLflow, creating the run, its params
     training.meta["run_id"] = tracker.key
-    print(f"training {count_params(model):,} parameters on {device_name}, {len(x):,} images, "
-          f"{cfg.epochs} epochs, MLflow run {tracker.key}")
+    if world.main:
+        on = f"{device_name} x {world.size} processes" if world.size > 1 else device_name
+        print(f"training {count_params(model):,} parameters on {on}, {len(x):,} images, {cfg.epochs} epochs, "
+              f"MLflow run {tracker.key}")
 
     t0 = time.perf_counter()
     with tracker.system_metrics():
         for epoch in training.remaining_epochs():
-            with tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+            with tqdm(total=len(x), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not world.main) as bar:
                 row = training.run_epoch(on_step=lambda done, loss: _progress(bar, done, loss=f"{loss:.4f}"))
-                row.update(train.evaluate(model, xt, yt))
-                _progress(bar, len(x), loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.4f}")
+                row.update(train.evaluate(model, xt, yt) if world.main else {})  # only rank 0 reports
+                _progress(bar, len(x), loss=f"{row['loss']:.4f}", test_acc=f"{row.get('test_acc', 0):.4f}")
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             training.end_epoch(row)
+    distributed.finish(world)
+    if not world.main:
+        return  # rank 0 writes every output
     history = training.history
     speeds = [r["images_per_s"] for r in history[1:] if r["images_per_s"]] or [history[0]["images_per_s"]]
     summary = {
@@ -90,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_text(args.run_id, f"{tracker.key}\n")
     args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
     run_note.unlink(missing_ok=True)
-    tracker.log_metrics(_summary_metrics(summary))
+    tracker.log_metrics(summary_metrics(summary))
     print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB; logging to MLflow took {tracker.seconds:.2f} s "
           f"({opening_s:.2f} s opening the run)")
@@ -99,13 +103,6 @@ def main(args: argparse.Namespace) -> None:
 def _progress(bar: tqdm, done: int, **shown: str) -> None:
     bar.update(done - bar.n)
     bar.set_postfix(**shown, img_s=f"{bar.format_dict['rate'] or 0:.0f}")
-
-
-def _summary_metrics(summary: dict) -> dict:
-    """The run's summary for MLflow. Its speed gets a key of its own (under ``images_per_s``, steps
-    1..N, the dashboard showed the last epoch's rate); test accuracy and loss are the last epoch's."""
-    out = {k: v for k, v in summary.items() if k not in ("test_acc", "test_loss", "images_per_s")}
-    return {**out, "mean_images_per_s": summary["images_per_s"]}
 
 
 if __name__ == "__main__":

@@ -84,6 +84,28 @@ def opened_run(note: Path, fingerprint: str) -> str | None:
     return opened.get("run") if isinstance(opened, dict) and opened.get("fingerprint") == fingerprint else None
 
 
+def training_run(checkpoint_key: str | None, note: Path, fingerprint: str, run_name: str | None,
+                 params: dict[str, Any], tags: Callable[[], dict[str, str]]) -> Tracker:
+    """The one MLflow run of a training: the run a killed training opened (from its checkpoint,
+    or, killed before the first checkpoint, from the note written when it was opened), else a
+    new one, noted at once. ``tags`` is called only for a new run."""
+    key = checkpoint_key or opened_run(note, fingerprint)
+    if key:
+        print(f"continuing MLflow run {key}, opened by a training that was killed")
+        return Tracker(key)  # an MLflow run id, or a pending one
+    tracker = Tracker.start(run_name, params, tags())
+    note_opened_run(note, fingerprint, tracker.key)
+    return tracker
+
+
+def summary_metrics(summary: dict) -> dict:
+    """A training's summary for MLflow. Its speed gets a key of its own (under ``images_per_s``,
+    steps 1..N, the dashboard showed the last epoch's rate); test accuracy and loss are the last
+    epoch's points already."""
+    out = {k: v for k, v in summary.items() if k not in ("test_acc", "test_loss", "images_per_s")}
+    return {**out, "mean_images_per_s": summary["images_per_s"]}
+
+
 class Tracker:
     """One MLflow run: calls go to MLflow while it answers, else to the spool, never lost."""
 
