@@ -120,6 +120,7 @@ class TeamServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data.parent / f"{self.data.name}.log"
         self.proc: subprocess.Popen | None = None
+        self.extra_args: list[str] = []  # more flags for tracking.server
 
     @property
     def admin_env(self) -> dict[str, str]:
@@ -131,7 +132,7 @@ class TeamServer:
         log = open(self.log_path, "a")
         env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([str(REPO / "scripts/mlflow_server.sh"), "--data", str(self.data),
-                                      "--port", str(self.port), "--workers", "1"],
+                                      "--port", str(self.port), "--workers", "1", *self.extra_args],
                                      stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s

@@ -257,3 +257,26 @@ def test_the_spool_replays_into_the_team_server_after_an_outage(workdir, outage)
         client(srv)  # the admin's login, for the check's own client
         assert_run_holds_everything_logged(srv.url, run_id, workdir, epochs=epochs)
     shutil.rmtree(workdir / "spool", ignore_errors=True)
+
+
+def test_the_server_on_a_postgresql_it_is_given(tmp_path):
+    """--database-uri / --auth-database-uri: a PostgreSQL someone else runs (here: a cluster of our
+    own, started apart), and no cluster made by the server."""
+    import tempfile
+
+    from tracking.server import AUTH_DATABASE, DATABASE, Cluster
+
+    outside = Cluster(Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")))
+    outside.data.chmod(0o711)
+    outside.start()
+    try:
+        srv = TeamServer()
+        srv.extra_args = ["--database-uri", outside.uri(DATABASE), "--auth-database-uri", outside.uri(AUTH_DATABASE)]
+        with srv:
+            assert _call(srv, "GET", "experiments/search?max_results=1").status_code == 401
+            made = client(srv).create_experiment("given-postgres")
+            assert client(srv).get_experiment(made).name == "given-postgres"
+            assert not (srv.data / "postgres").exists()  # it used the one it was given
+    finally:
+        outside.stop()
+        shutil.rmtree(outside.data, ignore_errors=True)
