@@ -365,3 +365,17 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     result = _stage(root, env, "stages.compare", "--last", "3")
     assert result.returncode == 0, result.stderr
     assert "test acc" in result.stdout and cand.run_id[:8] in result.stdout
+
+
+def test_an_experiment_on_two_processes_just_works(repo):
+    """`dvc exp run -S train.processes=2`: the stage starts torchrun itself; one MLflow run."""
+    root, env, _ = repo
+    result = dvc(root, "exp", "run", "-n", "two-procs", "-S", "train.processes=2", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "starting 2 processes with torchrun" in result.stdout and "x 2 processes" in result.stdout
+    db = sqlite3.connect(root / "mlflow.db")
+    runs = db.execute("select run_uuid from runs where name = 'two-procs'").fetchall()
+    assert len(runs) == 1
+    params = dict(db.execute("select key, value from params where run_uuid=?", runs[0]))
+    assert params["train.processes"] == "2" and params["train.world_size"] == "2"
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)

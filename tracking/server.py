@@ -140,7 +140,7 @@ def write_auth_config(data: Path, auth_database_uri: str) -> Path:
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
     }
     path = data / "basic_auth.ini"
-    with open(path, "w") as f:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # may hold a DB password
         config.write(f)
     return path
 
@@ -155,9 +155,9 @@ def secret_key(data: Path) -> str:
     return path.read_text().strip()
 
 
-def mlflow_command(args: argparse.Namespace, database_uri: str) -> list[str]:
+def mlflow_command(args: argparse.Namespace) -> list[str]:
+    """The command line (``ps`` shows it to every user): no database URI, which may hold a password."""
     return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", database_uri,
             "--serve-artifacts", "--artifacts-destination", str(args.data / "artifacts"),
             "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
             "--app-name", "basic-auth"]
@@ -180,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=2, help="MLflow server processes (default 2)")
-    p.add_argument("--database-uri", help="a postgresql:// URI of a server you run, instead of our own cluster")
+    p.add_argument("--database-uri", help="a postgresql:// URI of a server you run, instead of our own cluster "
+                   "(keep its password in ~/.pgpass, not in the URI: command lines are visible in ps)")
     p.add_argument("--auth-database-uri", help="with --database-uri: another database, for the logins")
     args = p.parse_args(argv)
     if bool(args.database_uri) != bool(args.auth_database_uri):
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                or secret_key(args.data),
                # MLflow's GenAI job runners (seven processes, ~860 MB): nothing here submits jobs
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-        server = subprocess.Popen(mlflow_command(args, database_uri), env=env, start_new_session=True)
+        env["MLFLOW_BACKEND_STORE_URI"] = database_uri  # mlflow server's --backend-store-uri, off the command line
+        server = subprocess.Popen(mlflow_command(args), env=env, start_new_session=True)
         log(f"mlflow server (pid {server.pid}) starting on http://{args.host}:{args.port}, "
             f"artifacts in {args.data / 'artifacts'}")
         code = server.wait()
