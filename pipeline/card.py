@@ -114,8 +114,8 @@ def render(c: CardInputs) -> str:
         "  the model always answers one of its ten labels.",
         "- The input contract above: black ink on white must be inverted first (`stages.predict` and the",
         "  service do it for pictures), and digits are expected centred as MNIST centres them.",
-        f"- Weakest digit: {min(classes, key=lambda r: r[2])[0]} "
-        f"({min(r[2] for r in classes):.2%}). The most frequent mistakes on the test set:",
+        "- Weakest digit: {} ({:.2%}). The most frequent mistakes on the test set:".format(
+            *min(((label, acc) for label, _, acc in classes), key=lambda r: r[1])),
         "",
         "| true digit | read as | times |",
         "| --- | --- | ---: |",

@@ -208,8 +208,8 @@ class Sshd:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Sshd:
-        self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(self.folder / "sshd_config")],
-                                     stderr=open(self.folder / "sshd.log", "a"))
+        with open(self.folder / "sshd.log", "a") as log:  # sshd keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(self.folder / "sshd_config")], stderr=log)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -233,7 +233,7 @@ def _first_epoch_logged(server: TeamServer, proc: subprocess.Popen) -> str:
 
 @pytest.mark.parametrize("outage", ["mlflow server killed", "postgresql restarted"])
 def test_the_spool_replays_into_the_team_server_after_an_outage(workdir, outage):
-    epochs = 6
+    epochs = 12  # the outage must land mid-run also on a fast machine
     with TeamServer() as srv:
         env = {"MLFLOW_TRACKING_USERNAME": srv.ADMIN, "MLFLOW_TRACKING_PASSWORD": srv.password}
         proc = train(workdir, srv.url, epochs=epochs, wait=False, env=env)
