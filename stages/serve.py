@@ -4,14 +4,17 @@
     python -m stages.serve --model models/model.onnx --port 9000 --max-batch 64
 
 Settings come from the ``serve`` section of params.yaml; a flag overrides its key.
-PyTorch is never imported: this process needs only onnxruntime, numpy and Pillow (and MLflow,
-to name the registry version of the file served, when the tracking store can be read).
+PyTorch is never imported: this process needs only onnxruntime, numpy, Pillow and the HTTP stack
+(uvicorn, Starlette, orjson, prometheus-client); MLflow names the registry version of the file
+served, when the tracking store can be read, from a short-lived child process.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from pipeline import contract, runtime, serve
@@ -30,8 +33,13 @@ def main(args: argparse.Namespace) -> None:
     except TypeError as e:
         raise ParamError(str(e)) from None
     name = args.name or _cli.section(contract.RegistryConfig, "registry", params).model_name
-    # the registry version whose file is this one, when the tracking store can be read
-    found = identity(name, runtime.sha256(args.model)) if args.model.is_file() else {}
+    # The registry version whose file is this one, when the tracking store can be read; looked up
+    # in a child process, so MLflow's client (about 180 MB resident, measured) never loads into the
+    # long-running service.
+    found = {}
+    if args.model.is_file():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as lookup:
+            found = lookup.submit(identity, name, runtime.sha256(args.model)).result()
     sys.exit(serve.serve(args.model, name, cfg, verbose=args.verbose, parameters=found))
 
 
@@ -48,7 +56,9 @@ if __name__ == "__main__":
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction,
                         help="join concurrent requests into one onnxruntime run")
     parser.add_argument("--batch-delay-ms", type=float, help="wait to fill a batch (0 = take what is queued)")
-    parser.add_argument("--max-concurrency", type=int, help="requests in flight before 503s")
+    parser.add_argument("--max-concurrency", type=int, help="inference requests queued or running before 503s")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
+    parser.add_argument("--body-memory-bytes", type=int, help="request bodies held in memory, all requests together")
+    parser.add_argument("--body-timeout-s", type=float, help="a body must arrive whole within this (else 408)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     _cli.run(main, parser)

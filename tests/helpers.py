@@ -55,11 +55,17 @@ def mlflow_server(db: Path, port: int):
 
 
 class SpawnedServer:
-    """python -m stages.serve on a free port; stopped with SIGTERM (graceful) on exit."""
+    """python -m stages.serve on a free port; stopped with SIGTERM (graceful) on exit.
 
-    def __init__(self, model: Path, *flags: str, timeout_s: float = 60):
+    Returns once the model is loaded and warmed up, or, with ``ready=False``, as soon as the
+    port is bound. ``env`` is added to the server's environment; ``cwd`` runs another checkout.
+    """
+
+    def __init__(self, model: Path, *flags: str, timeout_s: float = 60, ready: bool = True,
+                 env: dict[str, str] | None = None, cwd: Path = REPO):
         self.proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(model), "--port", "0",
-                                      *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                                      *flags], cwd=cwd, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         self.log: list[str] = []
         deadline = time.monotonic() + timeout_s
         self.url = None
@@ -69,8 +75,10 @@ class SpawnedServer:
             if not line:
                 raise RuntimeError("the server exited before it was ready:\n" + "".join(self.log))
             self.log.append(line)
-            if m := re.search(r"listening on (http://\S+)", line):
+            if m := re.search(r"listening on (http://[^\s;,)]+)", line):
                 self.url = m.group(1)
+                if not ready:
+                    break
             if line.startswith("serve: ready"):
                 break
         else:

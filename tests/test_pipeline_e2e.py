@@ -151,6 +151,8 @@ def test_one_identity_from_registry_to_predict_info_and_the_service(repo, monkey
     with SpawnedServer(model) as server:
         with urllib.request.urlopen(f"{server.url}/v2/models/mnist-cnn-onnx", timeout=30) as r:
             parameters = json.loads(r.read())["parameters"]
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text().lower()
+    assert "onnxruntime" in maps and "_sqlite3" not in maps  # the store was read by a child process
     assert parameters["sha256"] == sha256 and parameters["registry_version"] == str(version.version)
     assert parameters["git_commit"] == meta["git_commit"] and parameters["mlflow_run_id"] == run_id
 

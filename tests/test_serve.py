@@ -1,9 +1,12 @@
 """The inference service, run as users run it (python -m stages.serve), over real HTTP."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +28,7 @@ INFER = f"/v2/models/{NAME}/infer"
 
 
 def call(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = 30) -> tuple[int, dict, dict]:
+         timeout: float = 30) -> tuple[int, dict, http.client.HTTPMessage]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
@@ -33,7 +36,7 @@ def call(url: str, method: str, path: str, body: bytes | None = None, headers: d
         r = conn.getresponse()
         raw = r.read()
         payload = json.loads(raw) if r.getheader("Content-Type", "").startswith("application/json") else {"raw": raw}
-        return r.status, payload, dict(r.getheaders())
+        return r.status, payload, r.headers  # headers: names in any case
     finally:
         conn.close()
 
@@ -155,6 +158,13 @@ MALFORMED = {  # name: (method, path, body, headers, status)
     "empty body": ("POST", INFER, b"", {}, 400),
     "binary header length not a number": ("POST", INFER, _one(), {"Inference-Header-Content-Length": "ten"}, 400),
     "binary header length beyond the body": ("POST", INFER, _one(), {"Inference-Header-Content-Length": "99999"}, 400),
+    "binary header length in Unicode digits": ("POST", INFER, _one(), {"Inference-Header-Content-Length": "\u00b2"},
+                                               400),
+    "JSON nested 100,000 deep": ("POST", INFER, b"[" * 100_000, {}, 400),
+    "data nested 100,000 deep": ("POST", INFER, _one().replace(b'"data": [', b'"data": ' + b"[" * 100_000), {}, 400),
+    "an integer of 5,000 digits": ("POST", INFER, _one().replace(b"0.0,", b"9" * 5000 + b",", 1), {}, 400),
+    "an integer of 5,000 digits as the id": ("POST", INFER, _one().replace(b'{"inputs"', b'{"id": ' + b"9" * 5000
+                                                                            + b', "inputs"'), {}, 400),
     "unknown model": ("POST", "/v2/models/resnet/infer", _one(), {}, 404),
     "unknown version": ("POST", f"/v2/models/{NAME}/versions/999/infer", _one(), {}, 404),
     "undecodable image": ("POST", "/digit", b"\x89PNG\r\n\x1a\n broken", {"Content-Type": "image/png"}, 400),
@@ -169,10 +179,11 @@ MALFORMED = {  # name: (method, path, body, headers, status)
 @pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
 def test_each_malformed_request_gets_a_4xx_and_the_server_stays_up(server, case):
     method, path, body, headers, expected = MALFORMED[case]
-    status, payload, _ = call(server.url, method, path, body, headers)
+    status, payload, _ = call(server.url, method, path, body, headers)  # str headers go out in Latin-1
     assert status == expected, payload
     assert payload["error"]  # a message that says what is wrong
     assert alive(server.url) and server.proc.poll() is None
+    assert not any("internal error" in line for line in server.log)
 
 
 def test_body_over_the_limit_is_refused_before_it_is_read(server):
@@ -184,56 +195,172 @@ def test_body_over_the_limit_is_refused_before_it_is_read(server):
     assert alive(server.url)
 
 
-@pytest.mark.parametrize("request_head, status", [
-    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
-    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"411"),
-    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"400"),
-    ("GARBAGE\r\n\r\n", b"400"),
-    ("BREW /v2 HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
-    ("GET /v2 HTTP/1.1\r\n" + "X-Pad: y\r\n" * 200 + "\r\n", b"431"),
+def _responses(answer: bytes) -> int:
+    return answer.count(b"HTTP/1.1 ")
+
+
+@pytest.mark.parametrize("request_head, statuses", [
+    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\n\r\n", {b"400"}),  # no body at all
+    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", {b"400"}),
+    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", {b"400"}),
+    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\nab", {b"400"}),
+    ("POST /digit HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\nab", {b"400"}),
+    (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", {b"400"}),
+    ("GARBAGE\r\n\r\n", {b"400"}),
+    ("BREW /v2 HTTP/1.1\r\nHost: x\r\n\r\n", {b"405"}),
+    ("GET /v2 HTTP/1.1\r\n" + "X-Pad: y\r\n" * 5000 + "\r\n", {b"400", b"431"}),
 ])
-def test_broken_http_gets_a_4xx(server, request_head, status):
-    answer = _raw(server.url, request_head.encode())
-    assert answer.split(b" ")[1] == status, answer[:200]
+def test_broken_http_gets_one_4xx(server, request_head, statuses):
+    answer = _raw(server.url, request_head.encode("latin-1"))  # '\u00b2' is one byte, as isdigit() saw it
+    assert answer.split(b" ")[1] in statuses and _responses(answer) == 1, answer[:200]
     assert alive(server.url)
 
 
-def test_readiness_turns_true_only_after_the_warm_up_run(served_model):
-    svc = serve.Service(served_model, NAME, serve.ServeConfig(port=0))
-    httpd = serve.Server(svc)
-    url = "http://{}:{}".format(*httpd.server_address[:2])
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert call(url, "GET", "/v2/health/live")[0] == 200
-        assert call(url, "GET", "/v2/health/ready")[:2] == (503, {"ready": False})
-        status, r, headers = call(url, "POST", INFER, _one())
+def test_http_0_9_gets_no_answer_without_a_status_line(server):
+    answer = _raw(server.url, b"GET /\r\n\r\n")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:100]  # never the page, bare
+
+
+def test_a_body_sent_with_a_get_is_not_taken_for_a_second_request(server):
+    smuggled = b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = _raw(server.url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+                  + smuggled, read_timeout=2)
+    assert _responses(answer) == 1 and b"extensions" not in answer, answer
+
+
+def test_expect_100_continue_is_refused_before_the_body_when_too_large(server):
+    answer = _raw(server.url, f"POST {INFER} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              "Content-Length: 50000000\r\n\r\n".encode(), read_timeout=2)
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer, answer[:100]
+
+
+def test_slow_clients_never_cost_valid_requests_a_503(served_model):
+    """100 slow-loris clients send a byte a second: 70 an infer request's body, 30 a header that
+    never ends; meanwhile every valid request is answered 200 (the old server gave all 503s)."""
+    from benchmarks.load import slow_client
+    body = _one()
+    with SpawnedServer(served_model, "--name", NAME) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        attackers = [slow_client(host, int(port), INFER, body=k % 10 < 7) for k in range(100)]
+        statuses = []
+        t_end = time.monotonic() + 6
+        while time.monotonic() < t_end:
+            for c in attackers:
+                with contextlib.suppress(OSError):
+                    c.sendall(b"x")
+            statuses += [call(s.url, "POST", INFER, body, timeout=5)[0] for _ in range(20)]
+        for c in attackers:
+            c.close()
+        assert len(statuses) > 100 and set(statuses) == {200}, sorted(set(statuses))
+
+
+def test_a_body_that_stalls_gets_408_after_the_body_deadline(served_model):
+    body = _one()
+    with SpawnedServer(served_model, "--name", NAME, "--body-timeout-s", "1") as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as c:
+            t0 = time.perf_counter()
+            c.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:50])
+            answer = c.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
+            assert 0.9 < time.perf_counter() - t0 < 5
+        assert call(s.url, "POST", INFER, body)[0] == 200
+
+
+def test_a_500_is_logged_with_its_traceback_without_verbose(served_model, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(
+        "import pipeline.evaluate\n"
+        "def softmax(*a):\n    raise ZeroDivisionError('planted bug')\n"
+        "pipeline.evaluate.softmax = softmax\n")
+    with SpawnedServer(served_model, "--name", NAME, env={"PYTHONPATH": f"{tmp_path}:{REPO}"}) as s:
+        status, r, _ = call(s.url, "POST", "/digit", png(np.eye(28, dtype=np.uint8) * 255))
+        assert status == 500 and r["error"] == "internal error: ZeroDivisionError"
+        assert call(s.url, "POST", INFER, _one())[0] == 200  # and it keeps serving
+        s.stop()
+    log = "".join(s.log)
+    assert "internal error on POST /digit" in log and "Traceback" in log and "planted bug" in log
+
+
+def test_request_bodies_in_memory_stay_within_the_budget(served_model):
+    """32 clients each upload a 4 MB body at once, against a 16 MB budget: the ones that do not
+    fit get 503 (memory) at once, the others their answer; the memory is given back."""
+    limit, size = 16_000_000, 4_000_000
+    blob = b"[" + b"0.0," * (size // 4 - 1) + b"0]"
+    with SpawnedServer(served_model, "--name", NAME, "--max-body-bytes", str(size + 10),
+                       "--body-memory-bytes", str(limit)) as s:
+        rss = _rss_mb(s.proc.pid)
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(call(s.url, "POST", INFER, blob, timeout=60)[0]))
+                   for _ in range(32)]
+        for t in threads:
+            t.start()
+        peak = rss
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, _rss_mb(s.proc.pid))
+            time.sleep(0.02)
+        assert set(results) <= {400, 503} and 503 in results and 400 in results, results
+        metrics = call(s.url, "GET", "/metrics")[1]["raw"].decode()
+        assert 'mnist_rejected_requests_total{reason="memory"}' in metrics
+        assert "mnist_request_body_bytes_in_memory 0.0" in metrics
+        assert peak - rss < 400, (rss, peak)  # 32 x 4 MB bodies = 128 MB if all were held
+
+
+def _rss_mb(pid: int) -> float:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_readiness_turns_true_only_after_the_warm_up_run(served_model, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(  # a model that takes 3 s to open
+        "import time, pipeline.runtime\n_open = pipeline.runtime.open_session\n"
+        "def slow(*a, **k):\n    time.sleep(3)\n    return _open(*a, **k)\n"
+        "pipeline.runtime.open_session = slow\n")
+    with SpawnedServer(served_model, "--name", NAME, ready=False, env={"PYTHONPATH": f"{tmp_path}:{REPO}"}) as s:
+        assert call(s.url, "GET", "/v2/health/live")[0] == 200
+        assert call(s.url, "GET", "/v2/health/ready")[:2] == (503, {"ready": False})
+        status, r, headers = call(s.url, "POST", INFER, _one())
         assert status == 503 and "warming up" in r["error"] and headers["Retry-After"] == "1"
-        svc.load()  # session + warm-up run
-        assert svc.batcher.runs == 1  # the warm-up ran before readiness
-        assert call(url, "GET", "/v2/health/ready")[:2] == (200, {"ready": True})
-        assert call(url, "POST", INFER, _one())[0] == 200
-    finally:
-        httpd.drain(1)
-        svc.batcher.close()
+        deadline = time.monotonic() + 30
+        while call(s.url, "GET", "/v2/health/ready")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert any(line.startswith("serve: ready") for line in s.log)
+        assert call(s.url, "POST", INFER, _one())[0] == 200
+        metrics = call(s.url, "GET", "/metrics")[1]["raw"].decode()
+        assert float(re.search(r"^mnist_model_load_seconds (\S+)$", metrics, re.M)[1]) > 3
+        assert re.search(r'^nv_inference_exec_count_total\{model="mnist",version="\w+"\} 2.0$', metrics, re.M)
 
 
-def test_overload_beyond_max_concurrency_gets_fast_503s(served_model):
+def test_a_slow_upload_holds_no_inference_place_and_overload_gets_fast_503s(served_model):
     head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     body = _one()
     with SpawnedServer(served_model, "--name", NAME, "--max-concurrency", "1") as s:
         host, port = s.url.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)), timeout=10)
-        slow.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])  # holds the one slot
+        slow.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])  # half a request
         time.sleep(0.5)
-        t0 = time.perf_counter()
-        status, r, headers = call(s.url, "POST", INFER, body, timeout=5)
-        assert status == 503 and "over capacity" in r["error"] and headers["Retry-After"] == "1"
-        assert time.perf_counter() - t0 < 2
+        assert call(s.url, "POST", INFER, body, timeout=5)[0] == 200  # the one place was not taken by it
         slow.sendall(body[100:])
         assert slow.recv(65536).startswith(b"HTTP/1.1 200")
         slow.close()
-        assert call(s.url, "POST", INFER, body)[0] == 200  # the slot is free again
+        # 16 clients at once for one place: the rest are turned away at once, with Retry-After
+        answers: list[tuple[int, float, str | None]] = []
+
+        def client() -> None:
+            for _ in range(20):
+                t0 = time.perf_counter()
+                status, _, headers = call(s.url, "POST", INFER, infer_body(np.zeros((64, 1, 28, 28), np.float32)))
+                answers.append((status, time.perf_counter() - t0, headers.get("Retry-After")))
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rejected = [a for a in answers if a[0] == 503]
+        assert {a[0] for a in answers} == {200, 503} and all(a[2] == "1" for a in rejected)
+        assert np.percentile([a[1] for a in rejected], 50) < 0.5
+        metrics = call(s.url, "GET", "/metrics")[1]["raw"].decode()
+        assert f'mnist_rejected_requests_total{{reason="queue_full"}} {len(rejected)}.0' in metrics
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(served_model):
@@ -253,7 +380,7 @@ def test_graceful_shutdown_finishes_the_request_in_flight(served_model):
             socket.create_connection((host, int(port)), timeout=2)
         busy.sendall(body[50:])
         answer = busy.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
         assert s.wait(timeout=10) == 0  # the idle keep-alive connection did not hold it up
         assert time.perf_counter() - t0 < 8
         assert any("stopped" in line for line in s.log)
@@ -268,33 +395,92 @@ def test_batcher_joins_queued_requests_splits_results_and_closes_cleanly():
         gate.wait(5)  # hold the first run so the next requests queue up behind it
         return x.reshape(len(x), -1)[:, :1] * 2
 
-    b = serve.Batcher(run, max_batch=5)
-    results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, b(np.full((2, 3), i, np.float32))))
-               for i in range(4)]
-    threads[0].start()
-    time.sleep(0.2)
-    for t in threads[1:]:
-        t.start()
-    time.sleep(0.2)
-    gate.set()
-    for t in threads:
-        t.join(10)
-    b.close()  # returns: the stop marker is never mistaken for "nothing carried over"
-    assert calls[0] == 2 and sum(calls) == 8 and max(calls) <= 5 and len(calls) < 4  # joined, never over 5
+    async def main():
+        b = serve.Batcher(run, max_batch=5)
+        first = asyncio.create_task(b(np.full((2, 3), 0, np.float32)))
+        await asyncio.sleep(0.2)  # the first batch runs (held at the gate)
+        rest = [asyncio.create_task(b(np.full((2, 3), i, np.float32))) for i in range(1, 4)]
+        await asyncio.sleep(0.2)
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        await b.close()
+        return results, b
+    results, b = asyncio.run(main())
+    assert calls == [2, 4, 2] and b.runs == 3 and b.images == 8  # joined, never over 5
     for i in range(4):
         np.testing.assert_array_equal(results[i], np.full((2, 1), 2 * i, np.float32))
 
 
-def test_batcher_closes_while_it_waits_to_fill_a_batch():
-    b = serve.Batcher(lambda x: x, max_batch=5, delay_s=0.5)
-    result = {}
-    caller = threading.Thread(target=lambda: result.setdefault("y", b(np.ones((1, 2), np.float32))))
-    caller.start()
-    time.sleep(0.1)  # the batcher now waits for more requests; close() arrives during that wait
-    closer = threading.Thread(target=b.close)
-    closer.start()
-    closer.join(5)
-    caller.join(5)
-    assert not closer.is_alive(), "close() hung"
-    np.testing.assert_array_equal(result["y"], np.ones((1, 2), np.float32))
+def test_batcher_hands_an_error_to_every_request_of_the_batch():
+    def run(x):
+        raise RuntimeError("onnxruntime failed")
+
+    async def main():
+        b = serve.Batcher(run, max_batch=8)
+        results = await asyncio.gather(*(b(np.ones((1, 2), np.float32)) for _ in range(3)), return_exceptions=True)
+        await b.close()
+        return results
+    assert [str(r) for r in asyncio.run(main())] == ["onnxruntime failed"] * 3
+
+
+def test_tritonclient_speaks_to_the_service(server, served_model, test_split):
+    """Triton's own HTTP client: health, metadata, and inference with JSON and with binary data."""
+    import tritonclient.http as triton
+    x = contract.to_input(test_split[0][:7])
+    direct = runtime.open_session(runtime.load_checked(served_model)).run(x)
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        meta = client.get_model_metadata(NAME)
+        assert meta["inputs"][0]["name"] == "image" and meta["outputs"][0]["name"] == "logits"
+        for binary in (False, True):
+            tensor = triton.InferInput("image", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            result = client.infer(NAME, [tensor], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)],
+                                  request_id=f"r{binary}")
+            assert result.get_response()["id"] == f"r{binary}"
+            np.testing.assert_allclose(result.as_numpy("logits"), direct, rtol=1e-5, atol=1e-5)
+        assert not client.is_model_ready("resnet")
+    finally:
+        client.close()
+
+
+def test_metrics_count_requests_inferences_and_batches(served_model):
+    with SpawnedServer(served_model, "--name", NAME) as s:
+        for n in (1, 5):
+            assert call(s.url, "POST", INFER, infer_body(np.zeros((n, 1, 28, 28), np.float32)))[0] == 200
+        assert call(s.url, "POST", INFER, b"{")[0] == 400
+        status, _, headers = call(s.url, "GET", "/metrics")
+        text = call(s.url, "GET", "/metrics")[1]["raw"].decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    version = re.search(r'nv_inference_count_total\{model="mnist",version="(\w+)"\}', text)[1]
+    labels = f'model="mnist",version="{version}"'
+
+    def value(name: str) -> float:
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)[1])
+    assert value(f"nv_inference_request_success_total{{{labels}}}") == 2
+    failure = f'nv_inference_request_failure_total{{model="mnist",reason="invalid_request",version="{version}"}}'
+    assert value(failure) == 1
+    assert value(f"nv_inference_count_total{{{labels}}}") == 1 + 1 + 5  # the warm-up image, then 1 + 5
+    assert value(f"nv_inference_exec_count_total{{{labels}}}") == 3
+    assert value(f"nv_inference_compute_infer_duration_us_total{{{labels}}}") > 0
+    assert value('mnist_http_requests_total{endpoint="infer",method="POST",status="200"}') == 2
+    assert value('mnist_http_requests_total{endpoint="infer",method="POST",status="400"}') == 1
+    assert value('mnist_inference_batch_size_bucket{le="4.0"}') == 2  # the warm-up run and the 1-image request
+    assert value('mnist_inference_batch_size_bucket{le="8.0"}') == 3
+    assert value('mnist_http_request_duration_seconds_count{endpoint="infer"}') == 3
+    assert value(f"nv_inference_pending_request_count{{{labels}}}") == 0
+
+
+def test_a_taken_port_or_a_broken_model_is_a_one_line_error(server, served_model, tmp_path):
+    port = server.url.rsplit(":", 1)[1]
+    taken = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(served_model), "--port", port],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(served_model.read_bytes()[:100_000])  # a download cut short
+    result = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(broken), "--port", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is not a readable ONNX model" in result.stderr
+    assert "Traceback" not in result.stderr
