@@ -1,20 +1,27 @@
-"""Load test of the inference service: many concurrent clients, latency, errors, memory.
+"""Load test of the inference service: many concurrent clients, latency, errors, memory, attacks.
 
-    python -m benchmarks.load --model models/model.onnx --data data/raw           # 32 clients, 30 s
-    python -m benchmarks.load --url http://127.0.0.1:8000 --clients 64 --seconds 60  # a running server
+    python -m benchmarks.load --data data/raw                        # this checkout's service
+    python -m benchmarks.load --data data/raw --baseline 226d2dd     # and another commit's, side by side
+    python -m benchmarks.load --url http://127.0.0.1:8000 --clients 64   # a running server (JSON phase only)
 
-Without --url it starts the service itself (python -m stages.serve, port 0) so it can also
-watch the server's resident memory, and runs up to three phases, each on a fresh server:
+Without --url it starts each service itself (python -m stages.serve, port 0; a --baseline
+commit runs from a temporary git worktree with this Python), so it can also watch the
+server's resident memory, and runs these phases, each on a fresh server:
 
-1. load:      --clients clients, each sending single-digit v2 infer requests back to back
+1. json:      --clients clients, each sending single-digit v2 JSON requests back to back
               (real test digits, answers checked against the labels) for --seconds;
-2. unbatched: the same with --no-batching, so the gain from batching is measured, not assumed
-              (--compare-unbatched);
-3. overload:  the same clients against a server allowing only --overload-concurrency
-              requests in flight: the rest must get fast 503s, never time out.
+2. binary:    the same with 16 digits a request, in the binary tensor data extension;
+3. slowloris: the JSON load while 100 attackers hold connections, each sending a byte a second
+              (70 an infer request's body, 30 a header that never ends): valid requests
+              should keep getting 200, and their p99 says what the attack costs;
+4. memory:    64 clients upload a request of the server's largest body size (16 MiB of JSON
+              numbers) at once, three times: the peak resident memory is the worst case;
+5. unbatched: the JSON load with --no-batching (--compare-unbatched);
+6. overload:  the JSON load against a server allowing --overload-concurrency requests:
+              the rest must get fast 503s, never time out.
 
-The clients run on the same machine as the server and take CPU from it; numbers are
-for the pair. Prints a table and writes JSON (--out).
+The clients run on the same machine as the server and take CPU from it; numbers are for the
+pair, on the CPU the table names. Compare only ratios measured in one run. Writes JSON (--out).
 """
 from __future__ import annotations
 
@@ -22,10 +29,15 @@ import argparse
 import http.client
 import json
 import os
-import sys
+import platform
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +94,17 @@ def read_logits(payload: bytes, header_length: str | None) -> np.ndarray:
     return np.frombuffer(payload[n:], "<f4").reshape(out["shape"])
 
 
+class Connection(http.client.HTTPConnection):
+    """http.client with Nagle's algorithm off, as load tools (wrk, ab) have it: http.client sends
+    a body over 2,920 bytes in a second write, which Nagle holds back until the server ACKs the
+    headers, and Linux delays that ACK by up to 40 ms. Left on, it caps every server at about
+    32 clients / 50 ms, whatever the server does (measured: 540 requests/s for two servers alike)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[int]]], clients: int, seconds: float,
                 timeout_s: float = 10.0, on_tick=None) -> dict:
     """``clients`` threads with one keep-alive connection each, for ``seconds``."""
@@ -95,7 +118,7 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
     stop_at = time.perf_counter() + seconds
 
     def client(k: int) -> None:
-        conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=timeout_s)
+        conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=timeout_s)
         i = k
         while time.perf_counter() < stop_at:
             body, headers, labels = bodies[i % len(bodies)]
@@ -147,73 +170,225 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
             "rejected_p50_ms": ms(rejected_latency, 50), "rejected_p99_ms": ms(rejected_latency, 99)}
 
 
-def phase(label: str, model: Path, name: str, bodies, clients: int, seconds: float, flags: list[str]) -> dict:
-    with SpawnedServer(model, *flags) as server:
-        pid = server.proc.pid
-        samples: list[tuple[float, float]] = [(0.0, rss_mb(pid))]
-        with tqdm(total=round(seconds), desc=f"{label}: {clients} clients", unit="s",
-                  bar_format="{desc}: {bar} {n:.0f}/{total} s") as bar:
-            def tick(t: float) -> None:
-                samples.append((t, rss_mb(pid)))
-                bar.update(min(t, seconds) - bar.n)
-            result = run_clients(server.url, name, bodies, clients, seconds, on_tick=tick)
-        samples.append((seconds, rss_mb(pid)))
-        exit_code = server.stop()
-    window = min(10.0, seconds / 3)
-    first = [m for t, m in samples if t <= window] or [samples[0][1]]
-    last = [m for t, m in samples if t >= seconds - window] or [samples[-1][1]]
-    result.update(rss_start_mb=round(samples[0][1], 1), rss_max_mb=round(max(m for _, m in samples), 1),
-                  rss_first_window_mb=round(float(np.mean(first)), 1),
-                  rss_last_window_mb=round(float(np.mean(last)), 1),
-                  rss_growth=round(float(np.mean(last)) / float(np.mean(first)) - 1, 4),
-                  server_exit_code=exit_code, server_flags=flags,
-                  server_summary=next((line.strip() for line in reversed(server.log) if "stopped" in line), ""))
+class Sampler:
+    """The server's resident memory, sampled every 20 ms on a thread while the phase runs."""
+
+    def __init__(self, pid: int):
+        self.pid, self.samples = pid, [(0.0, rss_mb(pid))]
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.samples.append((time.perf_counter() - self._t0, rss_mb(self.pid)))
+            except (OSError, RuntimeError):
+                return  # the server has gone
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        seconds = self.samples[-1][0]
+        window = min(10.0, seconds / 3)
+        first = [m for t, m in self.samples if t <= window] or [self.samples[0][1]]
+        last = [m for t, m in self.samples if t >= seconds - window] or [self.samples[-1][1]]
+        return {"rss_start_mb": round(self.samples[0][1], 1), "rss_max_mb": round(max(m for _, m in self.samples), 1),
+                "rss_growth": round(float(np.mean(last)) / float(np.mean(first)) - 1, 4)}
+
+
+@contextmanager
+def attackers(url: str, model_name: str, count: int = 100) -> Iterator[None]:
+    """``count`` slow-loris connections, each sending one byte a second for as long as the block
+    runs: 70% an infer request's body (Content-Length 1000), the rest a header that never ends."""
+    target = urllib.parse.urlsplit(url)
+    host, port = target.hostname or "127.0.0.1", target.port
+    socks = [slow_client(host, port, f"/v2/models/{model_name}/infer", body=k % 10 < 7) for k in range(count)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for s in socks:
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    pass  # closed by the server: it is allowed to
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for s in socks:
+            s.close()
+
+
+def slow_client(host: str, port: int | None, path: str, body: bool) -> socket.socket:
+    """A connection that has sent an infer request up to its body (``body``) or into its headers."""
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode() if body
+              else f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
+    return s
+
+
+def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: int = 3) -> dict:
+    """``clients`` uploads of a ``size``-byte JSON infer request at once, ``rounds`` times:
+    the worst case for the server's memory (each parses into millions of numbers)."""
+    values = (size - 200) // 4
+    body = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": ['
+            + b"0.0," * (values - 1) + b"0.0]}]}")
+    target = urllib.parse.urlsplit(url)
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=120)
+        for _ in range(rounds):
+            try:
+                conn.request("POST", f"/v2/models/{model_name}/infer", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                key = f"HTTP {response.status}"
+                if response.getheader("Connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException) as e:
+                key = type(e).__name__
+                conn.close()
+            with lock:
+                statuses[key] = statuses.get(key, 0) + 1
+        conn.close()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "body_bytes": len(body), "rounds": rounds, "statuses": statuses,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """Commit ``ref`` of this repository in a temporary git worktree (removed afterwards)."""
+    folder = Path(tempfile.mkdtemp(prefix="load-baseline-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(folder), ref],
+                   check=True, capture_output=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
+
+
+def phase(label: str, model: Path, name: str, flags: list[str], run, cwd: Path = REPO,
+          seconds: float | None = None) -> dict:
+    """Start a server (from ``cwd``), ``run(url)`` against it while sampling its memory, stop it."""
+    # No tracking store for either server: the registry lookup at start-up is not what is measured.
+    no_store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.gettempdir()}/no-tracking-store-{os.getpid()}.db"}
+    with SpawnedServer(model.resolve(), *flags, cwd=cwd, env=no_store) as server:
+        sampler = Sampler(server.proc.pid)
+        with tqdm(total=round(seconds) if seconds else None, desc=label, unit="s",
+                  bar_format="{desc}: {bar} {n:.0f}/{total} s" if seconds else "{desc}: {elapsed}") as bar:
+            result = run(server.url, lambda t: bar.update(min(t, seconds or t) - bar.n))
+        result.update(sampler.stop())
+        result.update(server_exit_code=server.stop(), server_flags=flags,
+                      server_summary=next((line.strip() for line in reversed(server.log) if "stopped" in line), ""))
     return result
 
 
 def table(results: dict) -> str:
     cols = ["clients", "ok", "rejected_503", "error_count", "wrong_answers", "throughput_rps", "images_per_s",
-            "p50_ms", "p99_ms",
-            "rejected_p99_ms", "rss_max_mb", "rss_growth"]
+            "p50_ms", "p99_ms", "rejected_p99_ms", "rss_max_mb", "rss_growth"]
     lines = ["| phase | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(str(r.get(c)) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        lines = cpuinfo.splitlines()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = next(line for line in lines if line.startswith("flags")).split()
+        info["cpu_features"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+SCENARIOS = ("json", "binary", "slowloris", "memory")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / contract.DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, help="folder of the IDX files: send real digits and check answers")
-    parser.add_argument("--url", help="load a running server instead of starting one (no memory readings)")
+    parser.add_argument("--url", help="load a running server instead of starting one (JSON only, no memory readings)")
     parser.add_argument("--name", default=contract.RegistryConfig.model_name, help="model name in the v2 API")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--images-per-request", type=int, default=1, help="digits in each infer request")
-    parser.add_argument("--binary", action="store_true", help="binary tensor data extension instead of JSON")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each timed phase")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"which of {', '.join(SCENARIOS)}")
+    parser.add_argument("--baseline", help="also measure the service of this git commit, side by side")
     parser.add_argument("--compare-unbatched", action="store_true", help="also run with --no-batching")
     parser.add_argument("--overload-concurrency", type=int, default=0,
                         help="also run against a server allowing this many requests in flight (0 = skip)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if unknown := set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
 
-    bodies = infer_bodies(args.data, 2000, args.images_per_request, args.binary)
+    json_bodies = infer_bodies(args.data, 2000)
+    binary_bodies = infer_bodies(args.data, 2000, 16, binary=True)
     results: dict[str, dict] = {}
     if args.url:
-        results["load"] = run_clients(args.url, args.name, bodies, args.clients, args.seconds)
+        results["json"] = run_clients(args.url, args.name, json_bodies, args.clients, args.seconds)
     else:
-        results["load"] = phase("load", args.model, args.name, bodies, args.clients, args.seconds, [])
+        def load(bodies):
+            return lambda url, tick: run_clients(url, args.name, bodies, args.clients, args.seconds, on_tick=tick)
+
+        def under_attack(url, tick):
+            with attackers(url, args.name):
+                return run_clients(url, args.name, json_bodies, args.clients, args.seconds, on_tick=tick)
+        plan: dict[str, tuple[list[str], Callable, float | None]] = {
+                "json": ([], load(json_bodies), args.seconds),
+                "binary": ([], load(binary_bodies), args.seconds),
+                "slowloris": ([], under_attack, args.seconds),
+                "memory": ([], lambda url, tick: big_bodies(url, args.name, 16 * 2**20), None)}
+        runs = {k: v for k, v in plan.items() if k in scenarios}
         if args.compare_unbatched:
-            results["unbatched"] = phase("unbatched", args.model, args.name, bodies, args.clients, args.seconds,
-                                         ["--no-batching"])
+            runs["unbatched"] = (["--no-batching"], load(json_bodies), args.seconds)
         if args.overload_concurrency:
-            results["overload"] = phase("overload", args.model, args.name, bodies, args.clients,
-                                        min(args.seconds, 10.0), ["--max-concurrency", str(args.overload_concurrency)])
-    results["machine"] = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+            runs["overload"] = (["--max-concurrency", str(args.overload_concurrency)], load(json_bodies),
+                                min(args.seconds, 10.0))
+        with ExitStack() as stack:
+            servers = {"now": REPO}
+            if args.baseline:
+                servers[args.baseline] = stack.enter_context(checkout(args.baseline))
+            for label, (flags, run, seconds) in runs.items():
+                for who, cwd in servers.items():  # side by side: each phase on both before the next
+                    key = label if len(servers) == 1 else f"{label} ({who})"
+                    results[key] = phase(key, args.model, args.name, flags, run, cwd, seconds)
+    results["machine"] = machine()
     print(table({k: v for k, v in results.items() if k != "machine"}))
-    if "unbatched" in results:
-        print(f"batching: {results['load']['images_per_s'] / results['unbatched']['images_per_s']:.2f}x "
+    for k, r in results.items():
+        if "statuses" in r:
+            print(f"{k}: {r['clients']} clients x {r['rounds']} bodies of {r['body_bytes']:,} bytes: {r['statuses']}, "
+                  f"peak RSS {r['rss_max_mb']} MB")
+    if args.baseline and not args.url:
+        now, then = "({})".format("now"), f"({args.baseline})"
+        for label, field in (("json", "throughput_rps"), ("binary", "images_per_s"), ("slowloris", "ok")):
+            a, b = results.get(f"{label} {now}"), results.get(f"{label} {then}")
+            if a and b:
+                ratio = f"{a[field] / b[field]:.2f}x" if b[field] else "inf (baseline 0)"
+                print(f"{label}: {field} {a[field]} vs {b[field]} = {ratio}; p99 {a['p99_ms']} vs {b['p99_ms']} ms")
+    if "unbatched" in results and "json" in results:
+        print(f"batching: {results['json']['images_per_s'] / results['unbatched']['images_per_s']:.2f}x "
               "the throughput of one onnxruntime run per request")
+    print(f"machine: {results['machine']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
