@@ -1,17 +1,22 @@
 """The GPU check, in one run: train with the default params, export, onnxruntime accuracy,
-and the benchmark sweep (onnxruntime CPU and CUDA with I/O binding and CUDA graphs,
-PyTorch CUDA), written as JSON and a log to OUT. Calls pipeline/ directly: the GPU machine
-has no dvc or mlflow.
+the benchmark sweep (onnxruntime CPU and CUDA with I/O binding and CUDA graphs, PyTorch
+CUDA), and, with two GPUs or more, DDP scaling efficiency (images/s with N GPUs over N x
+images/s with 1, torchrun + NCCL), written as JSON and a log to OUT. Calls pipeline/
+directly: the GPU machine has no dvc or mlflow.
 
     python scripts/gpu_check.py --mirror DIR --out DIR [--tiny]
 
---tiny is the rehearsal for a CPU: a subset, one epoch, small batches.
+--tiny is the rehearsal for a CPU: a subset, one epoch, small batches, and the scaling
+measurement with 1 and 2 processes on the CPU (gloo) instead of GPUs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import bench, contract, data, evaluate, export, params, runtime, train  # noqa: E402
+from pipeline import bench, contract, data, distributed, evaluate, export, params, runtime, train  # noqa: E402
 from pipeline.model import ModelConfig, Net  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +39,15 @@ def main() -> None:
     if torch.cuda.is_available() and hasattr(onnxruntime, "preload_dlls"):
         onnxruntime.preload_dlls()  # the CUDA/cuDNN libraries of the pip packages, for the CUDA provider
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mirror", required=True, help="folder (or URL) with the four MNIST .gz files")
+    p.add_argument("--mirror", help="folder (or URL) with the four MNIST .gz files")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="CPU rehearsal: small and fast")
+    p.add_argument("--scaling-worker", type=Path, metavar="RAW", help=argparse.SUPPRESS)  # one torchrun rank
     args = p.parse_args()
+    if args.scaling_worker:
+        return scaling_worker(args.scaling_worker, args.out, args.tiny)
+    if not args.mirror:
+        p.error("--mirror is required")
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "raw"
     data.download(raw, (args.mirror,), data.DownloadConfig())
@@ -107,11 +117,68 @@ def main() -> None:
     result["ratios"] = bench.ratios(rows, rounds, bcfg)
     log(bench.table(rows))
     log(json.dumps({**status, **result["ratios"]}, indent=1))
+    # --- DDP scaling: the same training on 1 and on N GPUs (CPU processes in the rehearsal)
+    gpus = torch.cuda.device_count()
+    if gpus >= 2 or args.tiny:
+        result["ddp_scaling"] = scaling(raw, (1, gpus) if gpus >= 2 else (1, 2), args.tiny)
+        log(json.dumps(result["ddp_scaling"]))
+    else:
+        result["ddp_scaling"] = f"not measured: needs 2 GPUs or more, this machine has {gpus}"
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
     onnx_path.unlink()  # 13 MB that need not come back
     for f in raw.iterdir():
         f.unlink()
     raw.rmdir()
+
+
+def _configs(tiny: bool) -> tuple[ModelConfig, train.TrainConfig]:
+    all_params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = params.parse(train.TrainConfig, all_params["train"], "train")
+    scaled = {"epochs": 2, "subset": 2048 if tiny else 0, "checkpoint_every": 0,
+              "device": "cpu" if tiny else cfg.device}
+    return params.parse(ModelConfig, all_params["model"], "model"), train.TrainConfig(**{**cfg.__dict__, **scaled})
+
+
+def scaling(raw: Path, counts: tuple[int, int], tiny: bool) -> dict:
+    """images/s of the second epoch (the first pays for warm-up) with each process count, and the
+    efficiency: speed with N / (N x speed with 1). The global batch stays the params' batch size,
+    split among the processes, as in the train stage."""
+    speeds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            out = Path(tmp) / str(n)
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                       "--nproc-per-node", str(n), "--max-restarts", "0", __file__,
+                       "--scaling-worker", str(raw), "--out", str(out), *(["--tiny"] if tiny else [])]
+            log(f"scaling: {n} process(es) ...")
+            subprocess.run(command, check=True, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+            speeds[n] = json.loads((out / "speed.json").read_text())
+    one, many = (speeds[n]["images_per_s"] for n in counts)
+    return {"processes": list(counts), "runs": speeds, "global_batch": _configs(tiny)[1].batch_size,
+            "efficiency": many / (counts[1] * one)}
+
+
+def scaling_worker(raw: Path, out: Path, tiny: bool) -> None:
+    """One rank under torchrun: two epochs of the params' training; rank 0 writes the speed."""
+    model_cfg, cfg = _configs(tiny)
+    device = train.resolve_device(cfg.device)
+    world = distributed.init(device)
+    device = distributed.device_of(world, device)
+    train.seed_everything(cfg.seed + world.rank, distributed.threads_per_process(cfg.threads, world))
+    train.configure_device(device, cfg)
+    x_np, y_np = data.load_split(raw, "train")
+    if cfg.subset:
+        x_np, y_np = x_np[:cfg.subset], y_np[:cfg.subset]
+    x, y = train.to_tensors(x_np, y_np, device)
+    training = train.Training.start(train.prepare(Net(model_cfg), device), cfg, x, y, world=world)
+    for _ in training.remaining_epochs():
+        training.end_epoch(training.run_epoch())
+    distributed.finish(world)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps({
+            "images_per_s": training.history[-1]["images_per_s"], "world_size": world.size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}))
 
 
 if __name__ == "__main__":
