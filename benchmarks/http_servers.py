@@ -15,7 +15,6 @@ The numbers are for this machine (the CPU is printed) and the candidates' versio
 """
 from __future__ import annotations
 
-import http.client
 import importlib.metadata
 import shutil
 import socket
@@ -156,7 +155,8 @@ def load(port: int, pid: int, clients: int = 32, seconds: float = 5) -> dict:
         t.join()
     cpu = tree_cpu_s(pid) - cpu0
     latencies.sort()
-    return {"requests/s": round(len(latencies) / seconds), "p99 ms": round(latencies[int(len(latencies) * .99)] * 1e3, 1),
+    p99 = latencies[int(len(latencies) * .99)]
+    return {"requests/s": round(len(latencies) / seconds), "p99 ms": round(p99 * 1e3, 1),
             "server CPU µs/request": round(cpu / len(latencies) * 1e6)}
 
 
@@ -182,8 +182,9 @@ def probe(name: str, command: list[str], folder: Path) -> dict:
                                                 .encode("latin-1"))),
             "GET with a request as body: answers": raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                                                        % len(smuggle) + smuggle, 2).count(b"HTTP/1.1 "),
-            "100-continue, body too large": first_line(raw(port, b"POST /small HTTP/1.1\r\nHost: x\r\nExpect: "
-                                                                 b"100-continue\r\nContent-Length: 5000000\r\n\r\n", 2)),
+            "100-continue, body too large": first_line(raw(port, b"POST /small HTTP/1.1\r\nHost: x\r\n"
+                                                                 b"Expect: 100-continue\r\n"
+                                                                 b"Content-Length: 5000000\r\n\r\n", 2)),
             "silent connection closed after (s)": closed_after(port, trickle=False) or "> 15",
             "header a byte/s closed after (s)": closed_after(port, trickle=True) or "> 15",
             "20 MB of headers": endless_headers(port, proc.pid),

@@ -16,8 +16,9 @@ server's resident memory, and runs these phases, each on a fresh server:
               should keep getting 200, and their p99 says what the attack costs;
 4. memory:    64 clients upload a request of the server's largest body size (16 MiB of JSON
               numbers) at once, three times: the peak resident memory is the worst case;
-5. unbatched: the JSON load with --no-batching (--compare-unbatched);
-6. overload:  the JSON load against a server allowing --overload-concurrency requests:
+5. pictures:  16 clients POST /digit a 4096 x 4096 PNG (tens of KB) at once, three times;
+6. unbatched: the JSON load with --no-batching (--compare-unbatched);
+7. overload:  the JSON load against a server allowing --overload-concurrency requests:
               the rest must get fast 503s, never time out.
 
 The clients run on the same machine as the server and take CPU from it; numbers are for the
@@ -269,6 +270,55 @@ def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: 
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def big_pictures(url: str, data_dir: Path | None, clients: int = 16, rounds: int = 3, side: int = 4096) -> dict:
+    """``clients`` POST /digit of a ``side`` x ``side`` PNG at once, ``rounds`` times: a small
+    file (tens of KB) whose pixels are the cost. Every answer should be the digit drawn."""
+    import io
+
+    from PIL import Image
+    if data_dir is not None:
+        from pipeline import data
+        images, labels = data.load_split(data_dir, "test")
+        digit, label = images[0], int(labels[0])
+    else:
+        digit, label = np.zeros((28, 28), np.uint8), -1
+        digit[4:24, 12:16] = 255  # a "1"
+    canvas = Image.new("L", (side, side), 255)
+    canvas.paste(Image.fromarray(255 - digit).resize((side // 2, side // 2), Image.Resampling.NEAREST),
+                 (side // 4, side // 4))
+    buf = io.BytesIO()
+    canvas.save(buf, "PNG", optimize=True)
+    body = buf.getvalue()
+    target = urllib.parse.urlsplit(url)
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=120)
+        for _ in range(rounds):
+            try:
+                conn.request("POST", "/digit", body, {"Content-Type": "image/png"})
+                response = conn.getresponse()
+                payload = response.read()
+                key = f"HTTP {response.status}"
+                if response.status == 200 and label >= 0 and json.loads(payload)["digit"] != label:
+                    key = "HTTP 200, wrong digit"
+            except (OSError, http.client.HTTPException) as e:
+                key = type(e).__name__
+                conn.close()
+            with lock:
+                statuses[key] = statuses.get(key, 0) + 1
+        conn.close()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "body_bytes": len(body), "rounds": rounds, "statuses": statuses,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 @contextmanager
 def checkout(ref: str) -> Iterator[Path]:
     """Commit ``ref`` of this repository in a temporary git worktree (removed afterwards)."""
@@ -319,7 +369,7 @@ def machine() -> dict:
     return info
 
 
-SCENARIOS = ("json", "binary", "slowloris", "memory")
+SCENARIOS = ("json", "binary", "slowloris", "memory", "pictures")
 
 
 def main() -> None:
@@ -357,7 +407,8 @@ def main() -> None:
                 "json": ([], load(json_bodies), args.seconds),
                 "binary": ([], load(binary_bodies), args.seconds),
                 "slowloris": ([], under_attack, args.seconds),
-                "memory": ([], lambda url, tick: big_bodies(url, args.name, 16 * 2**20), None)}
+                "memory": ([], lambda url, tick: big_bodies(url, args.name, 16 * 2**20), None),
+                "pictures": ([], lambda url, tick: big_pictures(url, args.data), None)}
         runs = {k: v for k, v in plan.items() if k in scenarios}
         if args.compare_unbatched:
             runs["unbatched"] = (["--no-batching"], load(json_bodies), args.seconds)

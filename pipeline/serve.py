@@ -146,9 +146,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
-            x = jobs[0][0] if len(jobs) == 1 else np.concatenate([j[0] for j in jobs])
+            images = sum(len(j[0]) for j in jobs)
             t0 = time.perf_counter()
             try:
+                x = jobs[0][0] if len(jobs) == 1 else np.concatenate([j[0] for j in jobs])
                 y = await loop.run_in_executor(self._thread, self._run, x)
             except Exception as e:  # noqa: BLE001 - handed to every waiting request, never lost
                 for _, future, _ in jobs:
@@ -160,8 +161,8 @@ class Batcher:
                     if not future.done():
                         future.set_result(y[start:start + len(j)])
                     start += len(j)
-            self.runs, self.images = self.runs + 1, self.images + len(x)
-            self._on_batch(len(x), time.perf_counter() - t0, sum(t0 - queued for _, _, queued in jobs))
+            self.runs, self.images = self.runs + 1, self.images + images
+            self._on_batch(images, time.perf_counter() - t0, sum(t0 - queued for _, _, queued in jobs))
 
 
 class Service:
