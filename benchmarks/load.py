@@ -234,31 +234,28 @@ def slow_client(host: str, port: int | None, path: str, body: bool) -> socket.so
     return s
 
 
-def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: int = 3) -> dict:
-    """``clients`` uploads of a ``size``-byte JSON infer request at once, ``rounds`` times:
-    the worst case for the server's memory (each parses into millions of numbers)."""
-    values = (size - 200) // 4
-    body = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": ['
-            + b"0.0," * (values - 1) + b"0.0]}]}")
+def burst(url: str, path: str, body: bytes, content_type: str, clients: int, rounds: int,
+          judge: Callable[[int, bytes], str] = lambda status, payload: f"HTTP {status}") -> dict:
+    """``clients`` threads POST ``body`` to ``path`` at once, ``rounds`` times each; counts the
+    outcomes (``judge`` names an answer; an error is named by its type)."""
     target = urllib.parse.urlsplit(url)
-    statuses: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
     lock = threading.Lock()
 
     def client() -> None:
         conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=120)
         for _ in range(rounds):
             try:
-                conn.request("POST", f"/v2/models/{model_name}/infer", body, {"Content-Type": "application/json"})
+                conn.request("POST", path, body, {"Content-Type": content_type})
                 response = conn.getresponse()
-                response.read()
-                key = f"HTTP {response.status}"
+                key = judge(response.status, response.read())
                 if response.getheader("Connection", "").lower() == "close":
                     conn.close()
             except (OSError, http.client.HTTPException) as e:
                 key = type(e).__name__
                 conn.close()
             with lock:
-                statuses[key] = statuses.get(key, 0) + 1
+                outcomes[key] = outcomes.get(key, 0) + 1
         conn.close()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -266,8 +263,17 @@ def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: 
         t.start()
     for t in threads:
         t.join()
-    return {"clients": clients, "body_bytes": len(body), "rounds": rounds, "statuses": statuses,
+    return {"clients": clients, "body_bytes": len(body), "rounds": rounds, "statuses": outcomes,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: int = 3) -> dict:
+    """``clients`` uploads of a ``size``-byte JSON infer request at once, ``rounds`` times:
+    the worst case for the server's memory (each parses into millions of numbers)."""
+    values = (size - 200) // 4
+    body = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": ['
+            + b"0.0," * (values - 1) + b"0.0]}]}")
+    return burst(url, f"/v2/models/{model_name}/infer", body, "application/json", clients, rounds)
 
 
 def big_pictures(url: str, data_dir: Path | None, clients: int = 16, rounds: int = 3, side: int = 4096) -> dict:
@@ -288,35 +294,11 @@ def big_pictures(url: str, data_dir: Path | None, clients: int = 16, rounds: int
                  (side // 4, side // 4))
     buf = io.BytesIO()
     canvas.save(buf, "PNG", optimize=True)
-    body = buf.getvalue()
-    target = urllib.parse.urlsplit(url)
-    statuses: dict[str, int] = {}
-    lock = threading.Lock()
 
-    def client() -> None:
-        conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=120)
-        for _ in range(rounds):
-            try:
-                conn.request("POST", "/digit", body, {"Content-Type": "image/png"})
-                response = conn.getresponse()
-                payload = response.read()
-                key = f"HTTP {response.status}"
-                if response.status == 200 and label >= 0 and json.loads(payload)["digit"] != label:
-                    key = "HTTP 200, wrong digit"
-            except (OSError, http.client.HTTPException) as e:
-                key = type(e).__name__
-                conn.close()
-            with lock:
-                statuses[key] = statuses.get(key, 0) + 1
-        conn.close()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"clients": clients, "body_bytes": len(body), "rounds": rounds, "statuses": statuses,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    def judge(status: int, payload: bytes) -> str:
+        wrong = status == 200 and label >= 0 and json.loads(payload)["digit"] != label
+        return f"HTTP {status}" + (", wrong digit" if wrong else "")
+    return burst(url, "/digit", buf.getvalue(), "image/png", clients, rounds, judge)
 
 
 @contextmanager
