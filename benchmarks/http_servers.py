@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.load import Connection, machine, rss_mb
+from tests.helpers import free_port
 
 APP = '''
 async def app(scope, receive, send):
@@ -62,12 +63,6 @@ CANDIDATES = {  # name: (module that must be importable, command; {port} is fill
     "granian": ("granian", ["granian", "--interface", "asgi", "app:app", "--workers", "1",
                             "--http1-header-read-timeout", "5000", "--port", "{port}"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw(port: int, data: bytes, wait: float = 3) -> bytes:

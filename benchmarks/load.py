@@ -33,6 +33,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -305,8 +306,12 @@ def big_pictures(url: str, data_dir: Path | None, clients: int = 16, rounds: int
 def checkout(ref: str) -> Iterator[Path]:
     """Commit ``ref`` of this repository in a temporary git worktree (removed afterwards)."""
     folder = Path(tempfile.mkdtemp(prefix="load-baseline-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(folder), ref],
-                   check=True, capture_output=True)
+    added = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(folder), ref],
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        folder.rmdir()
+        sys.exit(f"load: cannot check out --baseline {ref!r} ({added.stderr.strip()}); "
+                 "give a commit, tag or branch of this repository")
     try:
         yield folder
     finally:

@@ -220,16 +220,11 @@ class Service:
 
     def check_ready(self) -> None:
         if not self.ready or self.draining:
-            self.metrics.rejected("not_ready")
             raise admission.Unavailable(f"not ready ({'shutting down' if self.draining else 'warming up'}); "
                                         "retry shortly", "not_ready")
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        try:
-            self.slots.take()
-        except admission.Unavailable as e:
-            self.metrics.rejected(e.reason)
-            raise
+        self.slots.take()
         pending = self.metrics.pending.labels(self.name, self.spec.version)
         pending.set(self.slots.used)
         try:
@@ -249,9 +244,6 @@ class Service:
                 request.state.body_read = True
                 self.metrics.body_bytes.set(self.bodies.used)
                 yield body
-        except admission.Unavailable as e:
-            self.metrics.rejected(e.reason)
-            raise
         finally:
             self.metrics.body_bytes.set(self.bodies.used)
 
@@ -312,6 +304,7 @@ class Api:
             except digits.ImageError as e:
                 response, reason = _json(422 if "blank" in str(e) else 400, {"error": str(e)}), "invalid_request"
             except admission.Unavailable as e:
+                svc.metrics.rejected(e.reason)  # every 503, counted once, here
                 response, reason = _json(503, {"error": str(e)}, {"Retry-After": "1"}), e.reason
             except ClientDisconnect:
                 response, reason = Response(status_code=499), "client_gone"  # nobody reads it
@@ -469,7 +462,7 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
           parameters: dict[str, str] | None = None) -> int:
     """Run the service until SIGTERM or SIGINT; returns the process exit code. ``parameters``
     join the model file's own metadata in GET /v2/models/<name>."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # every open connection is a descriptor
     service = Service(model_path, name, cfg, parameters, log)
     sock = listen(cfg.host, cfg.port)
