@@ -457,8 +457,8 @@ def test_metrics_count_requests_inferences_and_batches(served_model):
         for n in (1, 5):
             assert call(s.url, "POST", INFER, infer_body(np.zeros((n, 1, 28, 28), np.float32)))[0] == 200
         assert call(s.url, "POST", INFER, b"{")[0] == 400
-        status, _, headers = call(s.url, "GET", "/metrics")
-        text = call(s.url, "GET", "/metrics")[1]["raw"].decode()
+        status, page, headers = call(s.url, "GET", "/metrics")
+        text = page["raw"].decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
     version = re.search(r'nv_inference_count_total\{model="mnist",version="(\w+)"\}', text)[1]
     labels = f'model="mnist",version="{version}"'
