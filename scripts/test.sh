@@ -3,6 +3,12 @@
 # The tests download MNIST from a local mirror: $MNIST_MIRROR, else ../shared/mnist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export MNIST_MIRROR=${MNIST_MIRROR:-$(cd .. && pwd)/shared/mnist}
+if [[ "$MNIST_MIRROR" != *://* ]] && ! ls "$MNIST_MIRROR"/*.gz >/dev/null 2>&1; then
+    echo "test: no MNIST files in $MNIST_MIRROR; set MNIST_MIRROR to a folder (or URL) holding the four" \
+         "MNIST .gz files, e.g. MNIST_MIRROR=/path/to/shared/mnist ./scripts/test.sh" >&2
+    exit 2
+fi
 ./scripts/setup.sh
 
 # Debian packages the tests start for real: Chromium and its ChromeDriver (browser tests),
@@ -25,5 +31,4 @@ fi
 source .venv/bin/activate
 echo "test: ruff check"; ruff check .
 echo "test: mypy"; mypy
-export MNIST_MIRROR=${MNIST_MIRROR:-$(cd .. && pwd)/shared/mnist}
 python -m pytest "$@"
