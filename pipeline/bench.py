@@ -7,9 +7,17 @@ images divided by the summed time of the timed calls; each row's uncertainty is 
 interquartile range of its per-round medians. Ratios between paths are taken round by round
 (the median of per-round ratios, with their interquartile range), never from two separate
 blocks of time. A row whose rounds disagree beyond ``max_spread`` is measured longer, and
-flagged ``stable: false`` if that does not settle it; so is every row measured while other
-processes took more than ``max_outside_load`` of the CPUs. Labels come from what ran
-(``session.get_providers()``), never from what was asked for.
+flagged ``stable: false`` if that does not settle it; so is every row whose threads waited for
+a CPU (``max_contention``) or that was measured while other processes took more than
+``max_outside_load`` of the CPUs. Labels come from what ran (``session.get_providers()``),
+never from what was asked for.
+
+The ratios between CPU paths are measured per core (``ratio_threads``, one thread per path):
+a steady outside load that takes some of the cores makes a path with as many threads as cores
+wait for the taken one, and paths wait unalike (a two-thread batch-1 call waits on every
+call, a one-thread one never), so a ratio at every core says as much about the load as about
+the software. On one thread, and as long as a core is free, no path waits, and the ratio is
+the quiet machine's; the rows at every core are still measured, and flagged when they waited.
 
 Fairness: every path gets the same input, the same thread count, and its fast settings:
 onnxruntime with full graph optimisation and intra-op threads = cores; on CUDA, inputs
@@ -28,7 +36,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 import onnx
@@ -51,8 +59,10 @@ class BenchConfig:
     pause_ms: float = 10.0  # idle after each burst: OpenMP's threads stop spin-waiting and sleep
     max_spread: float = 0.15  # a row whose per-round medians spread more (IQR / median) is unstable
     max_outside_load: float = 0.10  # ... as is one measured while other processes used more of the CPUs
+    max_contention: float = 0.05  # ... or while our threads waited this share of their time for a CPU
     retry_seconds: float = 3.0  # extra rounds for a batch size with an unstable row, before flagging it
     threads: int = 0  # 0 = one per core, for every path alike
+    ratio_threads: int = 1  # the CPU ratios' threads per path: 1 = per core, 0 = as the rows (threads)
 
     def __post_init__(self) -> None:
         require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes), "benchmark.batch_sizes",
@@ -71,6 +81,19 @@ class BenchConfig:
         require(self.retry_seconds >= 0, "benchmark.retry_seconds", self.retry_seconds, "a number of seconds >= 0")
         require(0 < self.max_outside_load <= 1, "benchmark.max_outside_load", self.max_outside_load,
                 "a fraction of the machine's CPU time, in (0, 1]")
+        require(0 < self.max_contention <= 1, "benchmark.max_contention", self.max_contention,
+                "a fraction of our threads' time, in (0, 1]")
+        require(self.threads >= 0, "benchmark.threads", self.threads, "a whole number >= 0 (0 = one per core)")
+        require(self.ratio_threads >= 0, "benchmark.ratio_threads", self.ratio_threads,
+                "a whole number >= 0 (1 = per core, 0 = as benchmark.threads)")
+
+    def resolved_threads(self, threads: int) -> int:
+        """A thread setting as a count: 0 is one per core."""
+        return threads or (os.cpu_count() or 1)
+
+    def ratio_batches(self) -> tuple[int, int]:
+        """The batch sizes the CPU ratios compare: the smallest (latency) and 256 or the largest."""
+        return min(self.batch_sizes), (256 if 256 in self.batch_sizes else max(self.batch_sizes))
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -148,38 +171,90 @@ def interleave(calls: dict[K, Callable[[], object]], batch: int, cfg: BenchConfi
     return out
 
 
-def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0) -> dict:
+def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0,
+              contention: float | None = None) -> dict:
     """Percentiles and throughput over every timed call, and the spread of the per-round
     medians (the row's uncertainty). ``stable`` is False when that spread is over the bound,
-    or when other processes used more than ``cfg.max_outside_load`` of the CPUs meanwhile:
-    a steady load slows paths unequally (a two-thread call waits for the thread whose core is
-    taken) while its rounds still agree, so the spread alone would not show it."""
+    when our threads waited for a CPU more than ``cfg.max_contention`` of their time, or when
+    other processes used more than ``cfg.max_outside_load`` of the CPUs meanwhile: a steady
+    load slows paths unequally (a two-thread call waits for the thread whose core is taken)
+    while its rounds still agree, so the spread alone would not show it."""
     t = np.asarray(rounds.all(), dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
     med = rounds.medians() * 1e3
     q25, q75 = np.percentile(med, [25, 75])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(t.mean() * 1e3),
-            "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
-            "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
-            "spread": rounds.spread(), "outside_load": outside_load,
-            "stable": rounds.spread() <= cfg.max_spread and outside_load <= cfg.max_outside_load}
+    row = {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(t.mean() * 1e3),
+           "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
+           "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
+           "spread": rounds.spread(), "outside_load": outside_load, "contention": contention}
+    row["stable"] = pairable(row, cfg) and outside_load <= cfg.max_outside_load
+    return row
 
 
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process, monotonic time)."""
+def pairable(row: dict, cfg: BenchConfig) -> bool:
+    """Whether a row's rounds can enter a paired ratio: they agree with each other, and our
+    threads did not wait for a CPU. Outside load that only slows both paths of a pair alike
+    (caches, memory bandwidth) cancels in the ratio; waiting does not, it depends on how many
+    threads a path has. Where the kernel does not say how long our threads waited, any outside
+    load counts as waiting."""
+    waited = (row["contention"] > cfg.max_contention if row["contention"] is not None
+              else row["outside_load"] > cfg.max_outside_load)
+    return row["spread"] <= cfg.max_spread and not waited
+
+
+class Snapshot(NamedTuple):
+    busy: float  # CPU seconds the whole machine has been busy
+    own: float  # CPU seconds of this process
+    time: float  # monotonic seconds
+    threads: dict[str, tuple[int, int]] | None  # per thread of ours: (ns on a CPU, ns waiting for one)
+
+
+def cpu_snapshot() -> Snapshot:
+    """How much CPU time the machine, this process and each of its threads have had so far."""
     jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
     own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+    return Snapshot(busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic(), _thread_times())
 
 
-def outside_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+def _thread_times() -> dict[str, tuple[int, int]] | None:
+    """Each of our threads' time on a CPU and time runnable but waiting for one (Linux's
+    /proc/self/task/*/schedstat, in ns); None where the kernel does not keep them."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            ran, waited, _ = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile, or no scheduler statistics
+        out[tid] = (int(ran), int(waited))
+    return out or None
+
+
+def outside_load(before: Snapshot, after: Snapshot) -> float:
     """The share of the machine's CPU time that other processes used between two snapshots
     (0 = none, 1 = every core, all the time). Measured here: 0.002 idle, 0.505 with one
     busy process on two cores."""
-    wall = after[2] - before[2]
-    others = (after[0] - before[0]) - (after[1] - before[1])
+    wall = after.time - before.time
+    others = (after.busy - before.busy) - (after.own - before.own)
     return max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+
+
+def contention(before: Snapshot, after: Snapshot) -> float | None:
+    """The share of our threads' runnable time, between two snapshots, that they spent waiting
+    for a CPU: what a busy machine does to a measurement (0 = never waited). Threads that
+    started or ended in between are left out; None where the kernel does not say."""
+    if before.threads is None or after.threads is None:
+        return None
+    ran = waited = 0
+    for tid, (r1, w1) in after.threads.items():
+        if tid in before.threads:
+            r0, w0 = before.threads[tid]
+            ran, waited = ran + r1 - r0, waited + w1 - w0
+    return waited / (ran + waited) if ran + waited > 0 else 0.0
 
 
 def paired_ratio(a: Rounds, b: Rounds) -> dict:
@@ -284,78 +359,115 @@ def choose_cases(models: dict[str, onnx.ModelProto],
     return cases, status
 
 
+RoundsKey = tuple[str, str, int, int]  # (path, precision, batch, threads)
+
+
 def sweep(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
-          cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None
-          ) -> tuple[list[dict], dict[tuple[str, str, int], Rounds]]:
-    """Every case at every batch size, the cases of one batch size in interleaved rounds.
-    Returns the rows (grouped by case, in batch order) and each row's rounds, keyed by
-    (path, precision, batch), for the paired ratios. ``on_batch`` hears each batch size done."""
+          cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None, threads: int | None = None,
+          batch_sizes: tuple[int, ...] | None = None) -> tuple[list[dict], dict[RoundsKey, Rounds]]:
+    """Every case at every batch size (``cfg.batch_sizes`` unless given), on ``threads`` per path
+    (``cfg.threads`` unless given; onnxruntime and PyTorch alike), the cases of one batch size in
+    interleaved rounds. Returns the rows (grouped by case, in batch order) and each row's rounds,
+    keyed by (path, precision, batch, threads), for the paired ratios. ``on_batch`` hears each
+    batch size done."""
+    n = cfg.resolved_threads(cfg.threads if threads is None else threads)
+    batch_sizes = batch_sizes or cfg.batch_sizes
     rows: dict[tuple[Case, int], dict] = {}
-    measured: dict[tuple[str, str, int], Rounds] = {}
-    for batch in cfg.batch_sizes:
-        calls, metas = {}, {}
-        for case in cases:
-            kind, provider, precision = case
-            rss0 = rss_mb()
-            calls[case], metas[case] = (
-                ort_path(models[precision], provider, batch, x, precision, cfg.threads) if kind == "ort"
-                else torch_path(net, torch.device(provider), batch, x))
-            calls[case]()  # the first call allocates: count it in the path's memory
-            metas[case]["rss_growth_mb"] = rss_mb() - rss0
-        before = cpu_snapshot()
-        rounds = interleave(calls, batch, cfg)
-        others = outside_load(before, cpu_snapshot())
-        for case in cases:
-            meta = metas[case]
-            gpu_mem = meta.pop("gpu_mem_mb", None)
-            rows[case, batch] = {**meta, **row_stats(rounds[case], cfg, others),
-                                 **({"gpu_mem_mb": gpu_mem()} if gpu_mem else {})}
-            measured[meta["path"], meta["precision"], batch] = rounds[case]
-        on_batch(batch)
-    return [rows[case, batch] for case in cases for batch in cfg.batch_sizes], measured
+    measured: dict[RoundsKey, Rounds] = {}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        for batch in batch_sizes:
+            calls, metas = {}, {}
+            for case in cases:
+                kind, provider, precision = case
+                rss0 = rss_mb()
+                calls[case], metas[case] = (
+                    ort_path(models[precision], provider, batch, x, precision, n) if kind == "ort"
+                    else torch_path(net, torch.device(provider), batch, x))
+                calls[case]()  # the first call allocates: count it in the path's memory
+                metas[case].update(threads=n, rss_growth_mb=rss_mb() - rss0)
+            before = cpu_snapshot()
+            rounds = interleave(calls, batch, cfg)
+            after = cpu_snapshot()
+            others, waited = outside_load(before, after), contention(before, after)
+            for case in cases:
+                meta = metas[case]
+                gpu_mem = meta.pop("gpu_mem_mb", None)
+                rows[case, batch] = {**meta, **row_stats(rounds[case], cfg, others, waited),
+                                     **({"gpu_mem_mb": gpu_mem()} if gpu_mem else {})}
+                measured[meta["path"], meta["precision"], batch, n] = rounds[case]
+            on_batch(batch)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return [rows[case, batch] for case in cases for batch in batch_sizes], measured
+
+
+def steps(cfg: BenchConfig) -> int:
+    """How many batch-size sweeps ``measure`` runs (for a progress bar)."""
+    per_core = cfg.resolved_threads(cfg.ratio_threads) != cfg.resolved_threads(cfg.threads)
+    return len(cfg.batch_sizes) + (len(set(cfg.ratio_batches())) if per_core else 0)
+
+
+def measure(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
+            cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None
+            ) -> tuple[list[dict], dict[RoundsKey, Rounds]]:
+    """The benchmark: every case at every batch size on ``cfg.threads``; then, where the ratios
+    have a thread count of their own (``cfg.ratio_threads``, per core by default), the CPU cases
+    again at the ratios' batch sizes on that many threads. Rows of both, and their rounds."""
+    rows, rounds = sweep(cases, models, net, x, cfg, on_batch)
+    if cfg.resolved_threads(cfg.ratio_threads) != cfg.resolved_threads(cfg.threads):
+        cpu = [case for case in cases if case[1] == "cpu"]
+        more, more_rounds = sweep(cpu, models, net, x, cfg, on_batch, cfg.ratio_threads,
+                                  tuple(sorted(set(cfg.ratio_batches()))))
+        rows, rounds = rows + more, {**rounds, **more_rounds}
+    return rows, rounds
 
 
 # ------------------------------------------------------------------------------ reporting
 
 
-def ratios(rows: list[dict], rounds: dict[tuple[str, str, int], Rounds], cfg: BenchConfig) -> dict:
+def ratios(rows: list[dict], rounds: dict[RoundsKey, Rounds], cfg: BenchConfig) -> dict:
     """The side-by-side ratios, each from rounds measured seconds apart in this one run: the
     median of per-round ratios, with the interquartile range as ``<name>_iqr_low/high`` and
-    whether both rows it compares were stable."""
-    small, big = min(cfg.batch_sizes), (256 if 256 in cfg.batch_sizes else max(cfg.batch_sizes))
+    whether both rows it compares could be paired (``pairable``). The CPU ratios come from the
+    rounds on ``cfg.ratio_threads`` threads, the CUDA one from those on ``cfg.threads``."""
+    small, big = cfg.ratio_batches()
     top = max(cfg.batch_sizes)
+    per_core, every = cfg.resolved_threads(cfg.ratio_threads), cfg.resolved_threads(cfg.threads)
     # name: (numerator rounds, denominator rounds); a throughput ratio is the inverse time ratio
     pairs = {
-        f"ort_vs_torch_cpu_p50_ratio_b{small}": (("onnxruntime-cpu", "fp32", small), ("pytorch-cpu", "fp32", small)),
-        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (("pytorch-cpu", "fp32", big),
-                                                      ("onnxruntime-cpu", "fp32", big)),
-        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (("onnxruntime-cpu", "fp32", big),
-                                                      ("onnxruntime-cpu", "int8", big)),
-        f"ort_vs_torch_cuda_throughput_ratio_b{top}": (("pytorch-cuda", "fp32", top),
-                                                       ("onnxruntime-cuda", "fp32", top)),
+        f"ort_vs_torch_cpu_p50_ratio_b{small}": (("onnxruntime-cpu", "fp32", small, per_core),
+                                                 ("pytorch-cpu", "fp32", small, per_core)),
+        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (("pytorch-cpu", "fp32", big, per_core),
+                                                      ("onnxruntime-cpu", "fp32", big, per_core)),
+        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (("onnxruntime-cpu", "fp32", big, per_core),
+                                                      ("onnxruntime-cpu", "int8", big, per_core)),
+        f"ort_vs_torch_cuda_throughput_ratio_b{top}": (("pytorch-cuda", "fp32", top, every),
+                                                       ("onnxruntime-cuda", "fp32", top, every)),
     }
-    stable = {(r["path"], r["precision"], r["batch"]): r["stable"] for r in rows}
-    out: dict = {}
+    ok = {(r["path"], r["precision"], r["batch"], r["threads"]): pairable(r, cfg) for r in rows}
+    out: dict = {"ratio_threads": per_core}
     for name, (a, b) in pairs.items():
         if a in rounds and b in rounds:
             r = paired_ratio(rounds[a], rounds[b])
             out[name] = r["ratio"]
             out[f"{name}_iqr_low"], out[f"{name}_iqr_high"] = r["iqr"]
-            out[f"{name}_stable"] = stable[a] and stable[b]
-    best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"),
-               default=0.0)
+            out[f"{name}_stable"] = ok[a] and ok[b]
+    best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"
+                and r["threads"] == every), default=0.0)
     out["ort_cpu_fp32_best_images_per_s"] = best
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'path':<18} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p50 IQR of rounds':>19} {'p99 ms':>9} "
+    head = (f"{'path':<18} {'prec':<5} {'thr':>3} {'batch':>5} {'p50 ms':>9} {'p50 IQR of rounds':>19} {'p99 ms':>9} "
             f"{'images/s':>10} {'RSS+ MB':>8}  ran on")
     lines = [head, "-" * len(head)]
     for r in rows:
         iqr = f"{r['p50_q25_ms']:.3f}-{r['p50_q75_ms']:.3f}"
-        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.3f} {iqr:>19} "
-                     f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
+        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} "
+                     f"{iqr:>19} {r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
                      f"{r['providers_used']}{'' if r['stable'] else '  UNSTABLE'}")
     return "\n".join(lines)
 

@@ -44,6 +44,7 @@ def confusions(actual: np.ndarray, predicted: np.ndarray, top: int = 5) -> list[
 
 
 def _ms(benchmark: dict, path: str, precision: str, batch: int, key: str) -> float | None:
+    """The first such row: on every core (the per-core rows the ratios come from follow them)."""
     for row in benchmark.get("rows", []):
         if (row["path"], row["precision"], row["batch"]) == (path, precision, batch):
             return row[key]

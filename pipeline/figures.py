@@ -92,25 +92,34 @@ def feature_maps(images: np.ndarray, maps: dict[str, np.ndarray], path: str | os
     _save(fig, path)
 
 
-def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str, ratios: dict | None = None) -> None:
     """Latency (p50, with the interquartile range of its per-round medians as error bars) and
-    throughput against batch size, one line per path and precision. A point whose rounds
-    disagreed beyond the bound (``stable`` false) is drawn as a red X and named in the legend."""
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.4))
+    throughput against batch size, one line per path, precision and thread count (the per-core
+    lines dashed). A point flagged unstable (its rounds disagreed, its threads waited for a CPU,
+    or other processes were busy) is drawn as a red X. Below, the paired ratios with their
+    interquartile ranges, and which of them are flagged."""
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.8 if ratios else 4.4))
     lines: dict[str, list[dict]] = {}
+    several = len({r["threads"] for r in rows}) > 1  # the per-core rows the ratios come from, beside the rest
     for r in rows:
-        lines.setdefault(f"{r['path']} {r['precision']}", []).append(r)
+        threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if several else ""
+        lines.setdefault(f"{r['path']} {r['precision']}{threads}", []).append(r)
+    fewest = min(r["threads"] for r in rows)
+    flagged = False
     for name, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]
+        style = "--" if several and rs[0]["threads"] == fewest else "-"
         p50 = np.array([r["p50_ms"] for r in rs])
         err = np.array([[max(p - r["p50_q25_ms"], 0), max(r["p50_q75_ms"] - p, 0)] for p, r in zip(p50, rs)]).T
-        drawn = lat.errorbar(b, p50, yerr=err, marker="o", capsize=3, label=name)
-        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", color=drawn[0].get_color(), label=name)
+        drawn = lat.errorbar(b, p50, yerr=err, marker="o", capsize=3, linestyle=style, label=name)
+        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", linestyle=style, color=drawn[0].get_color(),
+                 label=name)
         shaky = [r for r in rs if not r["stable"]]
         for ax, key in ((lat, "p50_ms"), (thr, "images_per_s")):
             ax.scatter([r["batch"] for r in shaky], [r[key] for r in shaky], marker="X", s=90, color="crimson",
-                       zorder=5, label=f"{name}: unstable" if ax is thr and shaky else None)
+                       zorder=5, label="unstable (see the console)" if ax is thr and shaky and not flagged else None)
+        flagged = flagged or bool(shaky)
     for ax, ylabel in ((lat, "p50 latency per call (ms), IQR of rounds"), (thr, "throughput (images/s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -118,5 +127,12 @@ def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str) -> No
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     thr.legend(fontsize=8)
+    if ratios:
+        names = [k for k in ratios if f"{k}_iqr_low" in ratios]
+        text = "   ".join(f"{k}: {ratios[k]:.3f} (IQR {ratios[f'{k}_iqr_low']:.3f}-{ratios[f'{k}_iqr_high']:.3f})"
+                           f"{'' if ratios[f'{k}_stable'] else ' UNSTABLE'}" for k in names)
+        fig.text(0.5, 0.01, f"paired ratios on {ratios['ratio_threads']} thread(s) per path:\n{text}",
+                 ha="center", va="bottom", fontsize=7.5, wrap=True)
+        fig.subplots_adjust(bottom=0.2)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)

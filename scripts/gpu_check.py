@@ -111,7 +111,7 @@ def main() -> None:
     x_in = contract.to_input(images[:max(bcfg.batch_sizes)])
     models = {"fp32": proto}
     cases, status = bench.choose_cases(models, bcfg)
-    rows, rounds = bench.sweep(cases, models, cpu_model, x_in, bcfg, lambda batch: log(f"  batch {batch} done"))
+    rows, rounds = bench.measure(cases, models, cpu_model, x_in, bcfg, lambda batch: log(f"  batch {batch} done"))
     result.update(status)
     result["benchmark"] = rows
     result["ratios"] = bench.ratios(rows, rounds, bcfg)

@@ -7,7 +7,6 @@ import csv
 import io
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from pipeline import atomic, bench, contract, data, figures, runtime
@@ -15,16 +14,15 @@ from pipeline.model import ModelConfig, Net
 from stages import _cli
 from tracking.run import Tracker
 
-COLUMNS = ["path", "provider", "precision", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms", "p99_ms",
-           "mean_ms", "images_per_s", "runs", "rounds", "spread", "outside_load", "stable", "rss_growth_mb",
-           "gpu_mem_mb", "providers_used", "note"]
+COLUMNS = ["path", "provider", "precision", "threads", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms",
+           "p99_ms", "mean_ms", "images_per_s", "runs", "rounds", "spread", "outside_load", "contention", "stable",
+           "rss_growth_mb", "gpu_mem_mb", "providers_used", "note"]
 
 
 def main(args: argparse.Namespace) -> None:
     all_params = _cli.load_params()
     cfg = _cli.section(bench.BenchConfig, "benchmark", all_params)
     model_cfg = _cli.section(ModelConfig, "model", all_params)
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     fp32 = runtime.load_checked(args.model)
     net = Net.from_weights(model_cfg, args.weights)
     test_x, _ = data.load_split(args.data, "test")
@@ -34,23 +32,28 @@ def main(args: argparse.Namespace) -> None:
     summary: dict = {"hardware": bench.hardware(), "machine_before": bench.machine_state()}
 
     cases, status = bench.choose_cases(models, cfg)
-    with tqdm(total=len(cfg.batch_sizes), desc="benchmark", unit="batch size") as bar:
-        rows, rounds = bench.sweep(cases, models, net, x, cfg, lambda batch: bar.update())
+    with tqdm(total=bench.steps(cfg), desc="benchmark", unit="batch size") as bar:
+        rows, rounds = bench.measure(cases, models, net, x, cfg, lambda batch: bar.update())
     summary["machine_after"] = bench.machine_state()
     for r in rows:
         if not r["stable"]:
             why = [f"its rounds disagree by {r['spread']:.0%} (bound {cfg.max_spread:.0%}) after {r['rounds']} rounds"
                    ] if r["spread"] > cfg.max_spread else []
+            if r["contention"] is not None and r["contention"] > cfg.max_contention:
+                why.append(f"its threads waited {r['contention']:.0%} of their time for a CPU")
             if r["outside_load"] > cfg.max_outside_load:
                 why.append(f"other processes used {r['outside_load']:.0%} of the CPUs meanwhile")
-            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} batch {r['batch']}: {'; '.join(why)}; "
-                  "do not compare it with a quiet run", flush=True)
+            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} on {r['threads']} thread(s), batch {r['batch']}: "
+                  f"{'; '.join(why)}; do not compare it with a quiet run", flush=True)
+    ratios = bench.ratios(rows, rounds, cfg)
+    for name in [k.removesuffix("_stable") for k, v in ratios.items() if k.endswith("_stable") and not v]:
+        print(f"benchmark: UNSTABLE ratio {name}: a row it compares spread or waited for a CPU", flush=True)
     for name, state in status.items():
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
                   f"{state.removeprefix('unavailable: ')}; measured on CPU only", flush=True)
     summary.update(status)
-    summary.update(bench.ratios(rows, rounds, cfg))
+    summary.update(ratios)
 
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore")
@@ -60,17 +63,21 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_json(args.metrics, {**summary, "rows": rows})
     hw = summary["hardware"]
     gpu = f", {hw['gpu']}" if "gpu" in hw else ""
-    load = f"other processes' CPU share up to {max(r['outside_load'] for r in rows):.0%}"
+    waits = [r["contention"] for r in rows if r["contention"] is not None]
+    load = (f"other processes' CPU share up to {max(r['outside_load'] for r in rows):.0%}"
+            + (f", our threads waited for a CPU up to {max(waits):.0%}" if waits else ""))
     unstable = sum(not r["stable"] for r in rows)
     figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; onnxruntime "
-                            f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}")
+                            f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}",
+                            ratios)
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.log_metrics({f"{when}_{k}": v for when in ("machine_before", "machine_after")
                          for k, v in summary[when].items()})
-    tracker.log_metrics({f"bench_{r['path']}_{r['precision']}_b{r['batch']}_{k}": r[k]
-                         for r in rows for k in ("p50_ms", "images_per_s", "spread", "outside_load", "stable")})
+    tracker.log_metrics({f"bench_{r['path']}_{r['precision']}_b{r['batch']}_t{r['threads']}_{k}": r[k]
+                         for r in rows for k in ("p50_ms", "p50_q25_ms", "p50_q75_ms", "images_per_s", "spread",
+                                                 "outside_load", "contention", "stable") if r[k] is not None})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
     # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,

@@ -1,3 +1,5 @@
+import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -6,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import bench, contract, runtime
 
@@ -34,7 +37,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 def test_rounds_alternate_rotate_and_obey_their_counts():
     order: list[str] = []
-    clock = iter(np.arange(0, 1e6, 0.001)).__next__  # every clock read advances 1 ms
+    clock = (i * 0.001 for i in itertools.count()).__next__  # every clock read advances 1 ms
     cfg = bench.BenchConfig(warmup=2, min_rounds=4, min_runs=6, min_seconds=0.0, burst_ms=3.0, max_runs=50,
                             retry_seconds=0.0)
     rounds = bench.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 1, cfg, clock)
@@ -65,16 +68,68 @@ def test_cases_measure_what_they_say(small_onnx, test_split):
     model, path = small_onnx
     x = contract.to_input(test_split[0][:4])
     models = {"fp32": runtime.load_checked(path)}
-    rows, rounds = bench.sweep([("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")], models, model, x, FAST)
-    assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
-                                                        ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
+    cfg = dataclasses.replace(FAST, threads=2, ratio_threads=1)
+    torch.set_num_threads(3)
+    rows, rounds = bench.measure([("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")], models, model, x, cfg)
+    assert torch.get_num_threads() == 3  # given back as it was
+    # every batch size on the rows' threads, then the ratios' batch sizes per core
+    assert [(r["path"], r["threads"], r["batch"]) for r in rows] == [
+        ("onnxruntime-cpu", 2, 1), ("onnxruntime-cpu", 2, 4), ("pytorch-cpu", 2, 1), ("pytorch-cpu", 2, 4),
+        ("onnxruntime-cpu", 1, 1), ("onnxruntime-cpu", 1, 4), ("pytorch-cpu", 1, 1), ("pytorch-cpu", 1, 4)]
+    assert bench.steps(cfg) == 4 and bench.steps(dataclasses.replace(cfg, ratio_threads=2)) == 2
     for row in rows:
         assert row["runs"] >= 3 and row["rounds"] >= 3 and row["p50_ms"] <= row["p99_ms"]
         assert row["p50_q25_ms"] <= row["p50_q75_ms"] and row["images_per_s"] > 0
-    ratios = bench.ratios(rows, rounds, FAST)
+    ratios = bench.ratios(rows, rounds, cfg)
+    assert ratios["ratio_threads"] == 1
     assert ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_low"] <= ratios["ort_vs_torch_cpu_p50_ratio_b1"] \
         <= ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_high"]
+    per_core = bench.paired_ratio(rounds["onnxruntime-cpu", "fp32", 1, 1], rounds["pytorch-cpu", "fp32", 1, 1])
+    assert ratios["ort_vs_torch_cpu_p50_ratio_b1"] == per_core["ratio"]  # from the one-thread rounds
     assert ratios["ort_vs_torch_cpu_throughput_ratio_b4"] > 0
+
+
+def test_one_thread_sessions_run_on_one_thread(small_onnx, test_split):
+    """The per-core rows are what they say: onnxruntime's session and PyTorch on one thread."""
+    model, path = small_onnx
+    x = contract.to_input(test_split[0][:4])
+    call, meta = bench.ort_path(runtime.load_checked(path), "cpu", 4, x, threads=1)
+    before = bench.cpu_snapshot()
+    for _ in range(200):
+        call()
+    after = bench.cpu_snapshot()
+    if before.threads is None or after.threads is None:
+        pytest.skip("no scheduler statistics here")
+    busy = [tid for tid in after.threads if tid in before.threads and after.threads[tid][0] > before.threads[tid][0]]
+    assert busy == [str(threading.get_native_id())], busy  # no worker thread ran: the call ran on this one
+
+
+def row(path, precision, batch, threads, spread=0.0, load=0.0, waited=0.0):
+    return {"path": path, "precision": precision, "batch": batch, "threads": threads, "spread": spread,
+            "outside_load": load, "contention": waited, "images_per_s": 1.0}
+
+
+def test_a_ratio_is_flagged_when_a_row_it_compares_waited_for_a_cpu():
+    cfg = bench.BenchConfig(batch_sizes=(1, 256), threads=2, ratio_threads=1)
+    timed = {(p, prec, b, t): bench.Rounds(b, [[1.0], [1.0], [1.0]])
+             for p, prec in (("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8"), ("pytorch-cpu", "fp32"))
+             for b in (1, 256) for t in (1, 2)}
+
+    def flags(**change):
+        rows = [row(p, prec, b, t, **(change if (p, b, t) == ("pytorch-cpu", 1, 1) else {}))
+                for p, prec, b, t in timed]
+        out = bench.ratios(rows, timed, cfg)
+        return out["ort_vs_torch_cpu_p50_ratio_b1_stable"], out["int8_vs_fp32_cpu_throughput_ratio_b256_stable"]
+
+    assert flags() == (True, True)
+    assert flags(waited=0.2) == (False, True)  # its threads waited for a CPU: paths wait unalike
+    assert flags(spread=0.5) == (False, True)  # its rounds disagree
+    # other processes were busy, but ours never waited: a slowdown of both paths alike cancels in the ratio,
+    # while the row's own numbers are flagged
+    assert flags(load=0.5) == (True, True)
+    assert bench.row_stats(bench.Rounds(1, [[1.0]] * 3), cfg, 0.5, 0.0)["stable"] is False
+    # where the kernel does not say how long our threads waited, outside load counts as waiting
+    assert flags(load=0.5, waited=None) == (False, True)
 
 
 def test_bad_bench_params_are_refused():
@@ -83,6 +138,10 @@ def test_bad_bench_params_are_refused():
         parse(bench.BenchConfig, {"providers": ["cuda"]}, "benchmark")
     with pytest.raises(ParamError, match="benchmark.batch_sizes"):
         parse(bench.BenchConfig, {"batch_sizes": [0]}, "benchmark")
+    with pytest.raises(ParamError, match="benchmark.ratio_threads"):
+        parse(bench.BenchConfig, {"ratio_threads": -1}, "benchmark")
+    with pytest.raises(ParamError, match="benchmark.max_contention"):
+        parse(bench.BenchConfig, {"max_contention": 0}, "benchmark")
 
 
 def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
@@ -94,7 +153,8 @@ def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
     rows, rounds = bench.sweep(cases, models, model, x, FAST, order.append)
     # measured batch by batch, the cases of a batch size in interleaved rounds ...
     assert order == [1, 4]
-    assert len(rounds["onnxruntime-cpu", "fp32", 1].times) == len(rounds["pytorch-cpu", "fp32", 1].times)
+    n = os.cpu_count()  # threads: 0 is one per core
+    assert len(rounds["onnxruntime-cpu", "fp32", 1, n].times) == len(rounds["pytorch-cpu", "fp32", 1, n].times)
     # ... and reported case by case
     assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
                                                        ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
@@ -212,7 +272,61 @@ def test_steady_outside_load_is_measured_and_flags_the_rows():
 
 def test_outside_load_counts_only_other_processes_time(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    start = (100.0, 10.0, 50.0)  # (machine busy s, own CPU s, time)
-    assert bench.outside_load(start, (102.0, 12.0, 51.0)) == 0.0  # all the busy time was ours
-    assert bench.outside_load(start, (102.0, 11.0, 51.0)) == 0.5  # 1 s of 2 cores' second: another process
-    assert bench.outside_load(start, (100.5, 11.0, 51.0)) == 0.0  # never below zero (counters tick unevenly)
+    start = bench.Snapshot(100.0, 10.0, 50.0, None)  # (machine busy s, own CPU s, time, threads)
+    assert bench.outside_load(start, bench.Snapshot(102.0, 12.0, 51.0, None)) == 0.0  # all the busy time was ours
+    assert bench.outside_load(start, bench.Snapshot(102.0, 11.0, 51.0, None)) == 0.5  # 1 s of 2 cores' second
+    assert bench.outside_load(start, bench.Snapshot(100.5, 11.0, 51.0, None)) == 0.0  # never below zero
+
+
+def test_contention_is_our_threads_waiting_share_over_the_threads_seen_twice():
+    before = bench.Snapshot(0, 0, 0, {"1": (100, 10), "2": (50, 0), "3": (7, 7)})
+    after = bench.Snapshot(0, 0, 1, {"1": (400, 110), "2": (150, 0), "4": (1000, 1000)})
+    # thread 1 ran 300 and waited 100, thread 2 ran 100; 3 ended and 4 started in between: not counted
+    assert bench.contention(before, after) == pytest.approx(100 / 500)
+    assert bench.contention(before, bench.Snapshot(0, 0, 1, None)) is None  # no scheduler statistics
+    here = bench.cpu_snapshot()
+    if here.threads is not None:  # Linux: this very thread is in it, with its time on a CPU so far
+        assert str(threading.get_native_id()) in here.threads and here.threads[str(threading.get_native_id())][0] > 0
+
+
+def hogs(n: int) -> list[subprocess.Popen]:
+    """``n`` processes that keep one core each busy until they are killed."""
+    code = "print('busy', flush=True)\nwhile True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "busy"
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def waited_during(fn) -> float:
+    before = bench.cpu_snapshot()
+    fn()
+    share = bench.contention(before, bench.cpu_snapshot())
+    if share is None:
+        pytest.skip("this kernel keeps no scheduler statistics (/proc/self/task/*/schedstat)")
+    return share
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core for the hog and one left free")
+def test_a_one_thread_path_beside_a_hog_never_waits_where_one_on_every_core_does():
+    """Busy processes on all cores but one: a path on one thread has a core to itself and its
+    threads never wait, so its ratios hold; a path with a thread per core waits for the taken
+    ones, and the bound flags it. What the per-core ratios and the flags rest on."""
+    cfg = bench.BenchConfig()
+    x = torch.randn(512, 512)
+    every_core = lambda: [torch.mm(x, x) for _ in range(300)]  # noqa: E731 - OpenMP threads, one per core
+    procs = hogs((os.cpu_count() or 1) - 1)
+    try:
+        alone = waited_during(lambda: spin(3_000_000))  # about 0.2 s of this thread alone
+        torch.set_num_threads(os.cpu_count() or 1)
+        crowded = waited_during(every_core)
+    finally:
+        stop(procs)
+    assert alone < cfg.max_contention, alone
+    assert crowded > 2 * cfg.max_contention, crowded  # measured: 0.35 - 0.45 on 2 cores
