@@ -91,6 +91,10 @@ class BenchConfig:
         """A thread setting as a count: 0 is one per core."""
         return threads or (os.cpu_count() or 1)
 
+    def ratios_apart(self) -> bool:
+        """Whether the CPU ratios need a sweep of their own: their threads differ from the rows'."""
+        return self.resolved_threads(self.ratio_threads) != self.resolved_threads(self.threads)
+
     def ratio_batches(self) -> tuple[int, int]:
         """The batch sizes the CPU ratios compare: the smallest (latency) and 256 or the largest."""
         return min(self.batch_sizes), (256 if 256 in self.batch_sizes else max(self.batch_sizes))
@@ -187,8 +191,21 @@ def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0,
            "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
            "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
            "spread": rounds.spread(), "outside_load": outside_load, "contention": contention}
-    row["stable"] = pairable(row, cfg) and outside_load <= cfg.max_outside_load
+    row["stable"] = not unstable_because(row, cfg)
     return row
+
+
+def unstable_because(row: dict, cfg: BenchConfig) -> list[str]:
+    """Why a row is flagged unstable, one phrase per reason; empty when it is stable."""
+    why = []
+    if row["spread"] > cfg.max_spread:
+        why.append(f"its rounds disagree by {row['spread']:.0%} (bound {cfg.max_spread:.0%}) "
+                   f"after {row['rounds']} rounds")
+    if row["contention"] is not None and row["contention"] > cfg.max_contention:
+        why.append(f"its threads waited {row['contention']:.0%} of their time for a CPU")
+    if row["outside_load"] > cfg.max_outside_load:
+        why.append(f"other processes used {row['outside_load']:.0%} of the CPUs meanwhile")
+    return why
 
 
 def pairable(row: dict, cfg: BenchConfig) -> bool:
@@ -405,8 +422,7 @@ def sweep(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.M
 
 def steps(cfg: BenchConfig) -> int:
     """How many batch-size sweeps ``measure`` runs (for a progress bar)."""
-    per_core = cfg.resolved_threads(cfg.ratio_threads) != cfg.resolved_threads(cfg.threads)
-    return len(cfg.batch_sizes) + (len(set(cfg.ratio_batches())) if per_core else 0)
+    return len(cfg.batch_sizes) + (len(set(cfg.ratio_batches())) if cfg.ratios_apart() else 0)
 
 
 def measure(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
@@ -416,7 +432,7 @@ def measure(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn
     have a thread count of their own (``cfg.ratio_threads``, per core by default), the CPU cases
     again at the ratios' batch sizes on that many threads. Rows of both, and their rounds."""
     rows, rounds = sweep(cases, models, net, x, cfg, on_batch)
-    if cfg.resolved_threads(cfg.ratio_threads) != cfg.resolved_threads(cfg.threads):
+    if cfg.ratios_apart():
         cpu = [case for case in cases if case[1] == "cpu"]
         more, more_rounds = sweep(cpu, models, net, x, cfg, on_batch, cfg.ratio_threads,
                                   tuple(sorted(set(cfg.ratio_batches()))))

@@ -37,14 +37,8 @@ def main(args: argparse.Namespace) -> None:
     summary["machine_after"] = bench.machine_state()
     for r in rows:
         if not r["stable"]:
-            why = [f"its rounds disagree by {r['spread']:.0%} (bound {cfg.max_spread:.0%}) after {r['rounds']} rounds"
-                   ] if r["spread"] > cfg.max_spread else []
-            if r["contention"] is not None and r["contention"] > cfg.max_contention:
-                why.append(f"its threads waited {r['contention']:.0%} of their time for a CPU")
-            if r["outside_load"] > cfg.max_outside_load:
-                why.append(f"other processes used {r['outside_load']:.0%} of the CPUs meanwhile")
             print(f"benchmark: UNSTABLE {r['path']} {r['precision']} on {r['threads']} thread(s), batch {r['batch']}: "
-                  f"{'; '.join(why)}; do not compare it with a quiet run", flush=True)
+                  f"{'; '.join(bench.unstable_because(r, cfg))}; do not compare it with a quiet run", flush=True)
     ratios = bench.ratios(rows, rounds, cfg)
     for name in [k.removesuffix("_stable") for k, v in ratios.items() if k.endswith("_stable") and not v]:
         print(f"benchmark: UNSTABLE ratio {name}: a row it compares spread or waited for a CPU", flush=True)
