@@ -4,7 +4,7 @@
     python -m benchmarks.load --data data/raw --baseline 226d2dd     # and another commit's, side by side
     python -m benchmarks.load --url http://127.0.0.1:8000 --clients 64   # a running server (JSON phase only)
 
-Without --url it starts each service itself (python -m stages.serve, port 0; a --baseline
+Without --url it starts each service itself (python -m commands.serve, port 0; a --baseline
 commit runs from a temporary git worktree with this Python), so it can also watch the
 server's resident memory, and runs these phases, each on a fresh server:
 

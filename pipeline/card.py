@@ -113,7 +113,7 @@ def render(c: CardInputs) -> str:
         "",
         "- Digits only, one per picture, upright; letters or several digits are read as some digit anyway:",
         "  the model always answers one of its ten labels.",
-        "- The input contract above: black ink on white must be inverted first (`stages.predict` and the",
+        "- The input contract above: black ink on white must be inverted first (`commands.predict` and the",
         "  service do it for pictures), and digits are expected centred as MNIST centres them.",
         "- Weakest digit: {} ({:.2%}). The most frequent mistakes on the test set:".format(
             *min(((label, acc) for label, _, acc in classes), key=lambda r: r[1])),
@@ -136,7 +136,7 @@ def render(c: CardInputs) -> str:
                                               "params_md5", "params_sections", "training_device",
                                               "torch_version", "onnx_version") if key in m),
         "",
-        "The same fields are in the model file's `metadata_props` (`python -m stages.predict --info`),",
+        "The same fields are in the model file's `metadata_props` (`python -m commands.predict --info`),",
         "the SHA-256 is the `sha256` tag of its MLflow registry version, and the service shows both under",
         "`parameters` at `GET /v2/models/<name>`.",
         "",

@@ -7,9 +7,11 @@ each config's ``__post_init__`` and raise ``ParamError`` through ``require``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
 from pipeline.errors import PipelineError
@@ -106,3 +108,38 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def read_file(path: Path) -> dict:
+    """A params file (YAML): a mapping of sections, or a ParamError that says what is wrong."""
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamError(f"{path.resolve()} not found: run from the repository root") from None
+    except yaml.YAMLError as e:
+        raise ParamError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamError(f"{path} must be a mapping of sections (download, model, train, ...)")
+    return data
+
+
+def flags(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+    """One command-line flag per field of the dataclass ``cls`` (``max_batch`` -> ``--max-batch``),
+    typed as the field, its help from the field's ``metadata["help"]``. A flag not given is None,
+    so ``overrides`` tells it from one that was."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, name = hints[f.name], "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} [{section}.{f.name}]"
+        if tp is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif get_origin(tp) is Literal:
+            parser.add_argument(name, choices=get_args(tp), default=None, help=help_)
+        else:
+            parser.add_argument(name, type=tp, default=None, metavar=f.name.upper(), help=help_)
+
+
+def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` that ``args`` (parsed with ``flags``) set."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}

@@ -55,15 +55,18 @@ def mlflow_server(db: Path, port: int):
 
 
 class SpawnedServer:
-    """python -m stages.serve on a free port; stopped with SIGTERM (graceful) on exit.
+    """python -m commands.serve (or ``command``: ``serving``) on a free port; stopped with SIGTERM
+    (graceful) on exit.
 
     Returns once the model is loaded and warmed up, or, with ``ready=False``, as soon as the
     port is bound. ``env`` is added to the server's environment; ``cwd`` runs another checkout.
     """
 
     def __init__(self, model: Path, *flags: str, timeout_s: float = 60, ready: bool = True,
-                 env: dict[str, str] | None = None, cwd: Path = REPO):
-        self.proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(model), "--port", "0",
+                 env: dict[str, str] | None = None, cwd: Path = REPO, command: str | None = None):
+        # a checkout from before 2026-12-01 (benchmarks.load --baseline) has the command in stages/
+        command = command or ("commands.serve" if (cwd / "commands" / "serve.py").is_file() else "stages.serve")
+        self.proc = subprocess.Popen([sys.executable, "-m", command, "--model", str(model), "--port", "0",
                                       *flags], cwd=cwd, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.log: list[str] = []

@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import REPO
 
-PACKAGES = ("pipeline", "stages", "tracking")  # the project's own code; everything else is a library
+PACKAGES = ("pipeline", "stages", "commands", "serving", "tracking")  # the project's own code; everything else is a library
 
 
 def module_file(name: str) -> Path | None:

@@ -140,7 +140,7 @@ def test_one_identity_from_registry_to_predict_info_and_the_service(repo, monkey
     [version] = client.search_model_versions(f"run_id = '{run_id}'")
     assert version.tags["sha256"] == sha256  # the registry names the file by its bytes
 
-    info = _stage(root, env, "stages.predict", "--info", "--json")
+    info = _stage(root, env, "commands.predict", "--info", "--json")
     assert info.returncode == 0, info.stderr
     about = json.loads(info.stdout)
     meta = runtime.metadata(runtime.load_checked(model))
@@ -348,12 +348,12 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     assert acc == client.get_run(cand.run_id).data.metrics["eval_accuracy"]  # the evaluate stage's number
     assert "parity_max_abs_diff" in cand.tags
 
-    result = _stage(root, env, "stages.promote")
+    result = _stage(root, env, "commands.promote")
     assert result.returncode == 0, result.stderr
     assert client.get_model_version_by_alias(name, "champion").version == cand.version
 
     worse = client.create_model_version(name, cand.source, cand.run_id, tags={"eval_accuracy": str(acc - 0.01)})
-    result = _stage(root, env, "stages.promote", "--version", str(worse.version))
+    result = _stage(root, env, "commands.promote", "--version", str(worse.version))
     assert result.returncode != 0 and "refused" in result.stdout + result.stderr
     assert client.get_model_version_by_alias(name, "champion").version == cand.version
 
@@ -364,7 +364,7 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     logits = np.asarray(out["logits"] if isinstance(out, dict) else out)
     assert (logits.argmax(1) == labels[:200]).mean() > 0.5
 
-    result = _stage(root, env, "stages.compare", "--last", "3")
+    result = _stage(root, env, "commands.compare", "--last", "3")
     assert result.returncode == 0, result.stderr
     assert "test acc" in result.stdout and cand.run_id[:8] in result.stdout
 

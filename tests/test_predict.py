@@ -1,4 +1,4 @@
-"""python -m stages.predict: image files in, digits out; a bad file is reported, the rest still run."""
+"""python -m commands.predict: image files in, digits out; a bad file is reported, the rest still run."""
 import json
 import subprocess
 import sys
@@ -17,7 +17,7 @@ def test_predict_reads_pictures_and_reports_bad_files(served_model, test_split, 
         files.append(path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    r = subprocess.run([sys.executable, "-m", "stages.predict", "--model", str(served_model), "--json",
+    r = subprocess.run([sys.executable, "-m", "commands.predict", "--model", str(served_model), "--json",
                         *map(str, files), str(broken)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 1  # one file could not be read
     assert "broken.png: error:" in r.stderr and "Traceback" not in r.stderr
@@ -26,7 +26,7 @@ def test_predict_reads_pictures_and_reports_bad_files(served_model, test_split, 
     assert sum(row["digit"] == labels[i] for i, row in enumerate(rows)) >= 5
     assert all(abs(sum(row["probabilities"]) - 1) < 1e-4 for row in rows)
 
-    plain = subprocess.run([sys.executable, "-m", "stages.predict", "--model", str(served_model), str(files[0])],
+    plain = subprocess.run([sys.executable, "-m", "commands.predict", "--model", str(served_model), str(files[0])],
                            cwd=REPO, capture_output=True, text=True, check=True)
     assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
 
@@ -35,7 +35,7 @@ def test_an_endless_or_huge_file_is_refused_with_a_message(served_model, tmp_pat
     """/dev/zero was read until MemoryError and printed 'error: ' with nothing after it."""
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(17 * 2**20))  # over serve.max_body_bytes (16 MiB)
-    r = subprocess.run([sys.executable, "-m", "stages.predict", "--model", str(served_model),
+    r = subprocess.run([sys.executable, "-m", "commands.predict", "--model", str(served_model),
                         "/dev/zero", str(big), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol import ModelSpec, RequestError, TensorSpec, infer_response, parse_infer
+from serving.protocol import ModelSpec, RequestError, TensorSpec, infer_response, parse_infer
 
 SPEC = ModelSpec("mnist", "abc", "onnxruntime_onnx", TensorSpec("image", "FP32", (-1, 1, 28, 28)),
                  TensorSpec("logits", "FP32", (-1, 10)))

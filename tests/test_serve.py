@@ -1,4 +1,4 @@
-"""The inference service, run as users run it (python -m stages.serve), over real HTTP."""
+"""The inference service, run as users run it (python -m commands.serve), over real HTTP."""
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.load import rss_mb
-from pipeline import contract, evaluate, runtime, serve
+from pipeline import contract, evaluate, runtime
+from serving.batcher import Batcher
 from tests.conftest import REPO
 from tests.helpers import SpawnedServer
 
@@ -81,8 +82,21 @@ def test_health_metadata_and_the_page(server, served_model):
 def test_the_server_process_never_loads_torch(server):
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "onnxruntime" in maps and "libtorch" not in maps
-    code = "import sys, stages.serve, stages.predict, benchmarks.load; assert 'torch' not in sys.modules"
+    code = "import sys, commands.serve, commands.predict, benchmarks.load; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_the_deployable_runs_outside_a_checkout_from_its_flags_or_a_params_file(served_model, test_split, tmp_path):
+    """python -m serving, as the container image runs it: no params.yaml, no MLflow lookup."""
+    (tmp_path / "serve.yaml").write_text("serve:\n  max_batch: 3\n")
+    x = contract.to_input(test_split[0][:4])
+    with SpawnedServer(served_model, "--name", NAME, "--params", str(tmp_path / "serve.yaml"), cwd=tmp_path,
+                       command="serving") as s:
+        assert call(s.url, "POST", INFER, infer_body(x[:3]))[0] == 200
+        status, r, _ = call(s.url, "POST", INFER, infer_body(x))
+        assert status == 413 and "limit of 3" in r["error"], r  # the params file's max_batch, not the default 256
+        assert "registry_version" not in call(s.url, "GET", f"/v2/models/{NAME}")[1]["parameters"]
+        assert "mlflow" not in Path(f"/proc/{s.proc.pid}/maps").read_text()
 
 
 def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_images(server, served_model, test_split):
@@ -402,7 +416,7 @@ def test_batcher_joins_queued_requests_splits_results_and_closes_cleanly():
         return x.reshape(len(x), -1)[:, :1] * 2
 
     async def main():
-        b = serve.Batcher(run, max_batch=5)
+        b = Batcher(run, max_batch=5)
         first = asyncio.create_task(b(np.full((2, 3), 0, np.float32)))
         await asyncio.sleep(0.2)  # the first batch runs (held at the gate)
         rest = [asyncio.create_task(b(np.full((2, 3), i, np.float32))) for i in range(1, 4)]
@@ -422,7 +436,7 @@ def test_batcher_hands_an_error_to_every_request_of_the_batch():
         raise RuntimeError("onnxruntime failed")
 
     async def main():
-        b = serve.Batcher(run, max_batch=8)
+        b = Batcher(run, max_batch=8)
         results = await asyncio.gather(*(b(np.ones((1, 2), np.float32)) for _ in range(3)), return_exceptions=True)
         await b.close()
         return results
@@ -481,12 +495,12 @@ def test_metrics_count_requests_inferences_and_batches(served_model):
 
 def test_a_taken_port_or_a_broken_model_is_a_one_line_error(server, served_model, tmp_path):
     port = server.url.rsplit(":", 1)[1]
-    taken = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(served_model), "--port", port],
+    taken = subprocess.run([sys.executable, "-m", "commands.serve", "--model", str(served_model), "--port", port],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert taken.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
     broken = tmp_path / "model.onnx"
     broken.write_bytes(served_model.read_bytes()[:100_000])  # a download cut short
-    result = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(broken), "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "commands.serve", "--model", str(broken), "--port", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "is not a readable ONNX model" in result.stderr
     assert "Traceback" not in result.stderr

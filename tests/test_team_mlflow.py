@@ -96,7 +96,7 @@ def test_repro_logs_one_run_with_metrics_model_and_proxied_artifacts(server, rep
 
 def test_a_teammate_elsewhere_loads_the_champion_through_the_server(server, repo, tmp_path):
     root, env, _ = repo
-    result = subprocess.run([sys.executable, "-m", "stages.promote"], cwd=root, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "commands.promote"], cwd=root, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     # another folder, no shared files: the server's URL and a login are all it has

@@ -43,7 +43,7 @@ def train(workdir: Path, uri: str, epochs: int, wait: bool = True, env: dict | N
 def sync(workdir: Path, uri: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SPOOL_DIR": str(workdir / "spool"),
            "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "stages.sync"], cwd=workdir, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.sync"], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -2,7 +2,7 @@
 
 Every export logs the model (ONNX flavour, signature, input example) and registers it as a
 new version of ``registry.model_name``, with the alias ``candidate`` moved to it;
-``stages.promote`` moves ``champion``.
+``commands.promote`` moves ``champion``.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Tracking never fails a stage and never loses what it was given. Each call is an 
 (tracking.ops) applied to MLflow; one that cannot be applied (server down or dying, sqlite
 locked by a parallel experiment) goes to the spool (tracking.spool), and every later call of
 that run queues behind it so the order holds. The next stage that starts, or
-``python -m stages.sync``, replays the spool. After the first failure a tracker stops
+``python -m commands.sync``, replays the spool. After the first failure a tracker stops
 calling MLflow and spools at once: a dead server costs seconds, not minutes.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Tracker:
                 key = spool.PENDING + uuid.uuid4().hex
                 spool.add(key, op)
                 print(f"warning: MLflow: run {key} will be created when {store.tracking_uri()} answers "
-                      "(python -m stages.sync, or the next stage)", file=sys.stderr)
+                      "(python -m commands.sync, or the next stage)", file=sys.stderr)
         tracker = cls(key, connection)
         tracker.log_params(params)
         return tracker

@@ -1,6 +1,6 @@
 """Promote a registered model version to 'champion', only if its test accuracy is not worse.
 
-    python -m stages.promote [--version N]     (default: the version aliased 'candidate')
+    python -m commands.promote [--version N]     (default: the version aliased 'candidate')
 The accuracy compared is the evaluate stage's (tag eval_accuracy on each version).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _accuracy(version) -> float | None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="stages.promote", description=__doc__,
+    parser = argparse.ArgumentParser(prog="commands.promote", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="registered model (default: registry.model_name in params.yaml)")
     parser.add_argument("--version", help="the version to promote (default: the candidate)")

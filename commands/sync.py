@@ -1,6 +1,6 @@
 """Replay into MLflow what stages could not log while the tracking store was unreachable.
 
-    python -m stages.sync            # replays .mlflow-spool/ (or $MLFLOW_SPOOL_DIR) into $MLFLOW_TRACKING_URI
+    python -m commands.sync            # replays .mlflow-spool/ (or $MLFLOW_SPOOL_DIR) into $MLFLOW_TRACKING_URI
 
 Every stage also does this on its own when it starts. Exit status 1 if something is left.
 """
@@ -27,4 +27,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    _cli.run(main, argparse.ArgumentParser(prog="stages.sync", description=__doc__))
+    _cli.run(main, argparse.ArgumentParser(prog="commands.sync", description=__doc__))

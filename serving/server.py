@@ -7,8 +7,8 @@ Endpoints (KServe / Open Inference Protocol v2, as Triton speaks it, plus three 
     GET  /v2  /v2/models/<name>[/versions/<v>][/ready]       metadata
     POST /v2/models/<name>[/versions/<v>]/infer               tensors in, logits out
     POST /digit                               a PNG/JPEG of a digit in, digit + probabilities out
-    GET  /metrics                             Prometheus text format (pipeline/metrics.py)
-    GET  /                                    a page to draw a digit on (pipeline/static/draw.html)
+    GET  /metrics                             Prometheus text format (serving/metrics.py)
+    GET  /                                    a page to draw a digit on (serving/static/draw.html)
 
 The transport is not ours: uvicorn (with the h11 parser) speaks HTTP, with its limits, timeouts
 and graceful shutdown, and Starlette routes the requests (the README says what was compared).
@@ -16,7 +16,7 @@ What is ours:
 - One onnxruntime session, opened after the port is bound (``/v2/health/live`` answers while it
   loads); ready once a warm-up run has answered. A ``Batcher`` runs it on one thread and joins
   the requests that queue up meanwhile into one run, up to ``max_batch`` images.
-- Admission (pipeline/admission.py): bodies are read within ``body_timeout_s`` and a memory
+- Admission (serving/admission.py): bodies are read within ``body_timeout_s`` and a memory
   budget shared by all requests (``body_memory_bytes``); a request takes a place among the
   ``max_concurrency`` inference requests only once its body is read and parsed, so slow or idle
   clients never hold one. Beyond either limit: 503 at once, with Retry-After.
@@ -36,8 +36,6 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,118 +49,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pipeline import admission, digits, evaluate, protocol, runtime
+from pipeline import digits, evaluate, runtime
 from pipeline.errors import PipelineError
-from pipeline.metrics import CONTENT_TYPE, Metrics
-from pipeline.params import require
+from serving import admission, protocol
+from serving.batcher import Batcher
+from serving.config import ServeConfig
+from serving.metrics import CONTENT_TYPE, Metrics
 
 PAGE = Path(__file__).with_name("static") / "draw.html"
 EXTENSIONS = ["binary_tensor_data"]  # the v2 extensions this server implements, and only those
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"  # loopback by default: exposing the service is a deliberate choice
-    port: int = 8000  # 0 = any free port (printed at start-up)
-    provider: str = "cpu"  # cpu | cuda | tensorrt (falls back to CPU, and says so)
-    threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
-    max_batch: int = 256  # images per request and per onnxruntime run
-    batching: bool = True  # join concurrent requests into one onnxruntime run (up to max_batch images)
-    batch_delay_ms: float = 0.0  # wait this long for more requests to fill a batch; 0 = take what is queued
-    max_concurrency: int = 64  # inference requests queued or running; beyond it, 503 at once
-    max_body_bytes: int = 16 * 2**20  # one request; a full 256-image JSON request is about 4 MB
-    body_memory_bytes: int = 128 * 2**20  # request bodies held in memory, all requests together
-    body_timeout_s: float = 30.0  # a body must arrive whole within this; else 408
-    idle_timeout_s: float = 15.0  # a keep-alive connection silent this long is closed
-    shutdown_grace_s: float = 30.0  # how long requests in flight may take to finish at shutdown
-
-    def __post_init__(self) -> None:
-        require(0 <= self.port <= 65535, "serve.port", self.port, "0..65535")
-        require(self.provider in runtime.PROVIDERS, "serve.provider", self.provider, "cpu | cuda | tensorrt")
-        require(self.threads >= 0, "serve.threads", self.threads, "a whole number >= 0")
-        require(self.max_batch >= 1, "serve.max_batch", self.max_batch, "a whole number >= 1")
-        require(self.batch_delay_ms >= 0, "serve.batch_delay_ms", self.batch_delay_ms, "a number >= 0")
-        require(self.max_concurrency >= 1, "serve.max_concurrency", self.max_concurrency, "a whole number >= 1")
-        require(self.max_body_bytes >= 1024, "serve.max_body_bytes", self.max_body_bytes, "at least 1024")
-        require(self.body_memory_bytes >= self.max_body_bytes, "serve.body_memory_bytes", self.body_memory_bytes,
-                f"at least serve.max_body_bytes ({self.max_body_bytes}), or no full-size body is ever accepted")
-        require(self.body_timeout_s > 0, "serve.body_timeout_s", self.body_timeout_s, "a number > 0")
-        require(self.idle_timeout_s > 0, "serve.idle_timeout_s", self.idle_timeout_s, "a number > 0")
-        require(self.shutdown_grace_s >= 0, "serve.shutdown_grace_s", self.shutdown_grace_s, "a number >= 0")
-
-
 class ServeError(PipelineError, RuntimeError):
     """The service cannot start as configured (for example, its port is taken)."""
-
-
-_Job = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float]  # input, its answer, when it was queued
-
-
-class Batcher:
-    """Runs ``run`` on one thread, joining the requests queued meanwhile into one batch.
-
-    While onnxruntime runs a batch (without the GIL), the event loop keeps reading and parsing
-    requests; they queue up and become the next batch. Create it on the running loop.
-    """
-
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, delay_s: float = 0.0,
-                 on_batch: Callable[[int, float, float], None] | None = None):
-        self._run, self._max, self._delay = run, max_batch, delay_s
-        self._on_batch = on_batch or (lambda images, seconds, waited: None)
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._carry: _Job | None = None  # a job that did not fit the last batch
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
-        self.runs = self.images = 0
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
-
-    async def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x`` (N, ...), once its batch has run."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((x, future, time.perf_counter()))
-        return await future
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await asyncio.to_thread(self._thread.shutdown)  # a run in progress finishes first
-
-    async def _collect(self) -> list[_Job]:
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        jobs, n = [first], len(first[0])
-        if self._delay and n < self._max:
-            await asyncio.sleep(self._delay)  # let more requests arrive
-        while n < self._max and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if n + len(job[0]) > self._max:
-                self._carry = job  # the first of the next batch
-                break
-            jobs.append(job)
-            n += len(job[0])
-        return jobs
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._collect()
-            images = sum(len(j[0]) for j in jobs)
-            t0 = time.perf_counter()
-            try:
-                x = jobs[0][0] if len(jobs) == 1 else np.concatenate([j[0] for j in jobs])
-                y = await loop.run_in_executor(self._thread, self._run, x)
-            except Exception as e:  # noqa: BLE001 - handed to every waiting request, never lost
-                for _, future, _ in jobs:
-                    if not future.done():  # a request cancelled meanwhile no longer waits
-                        future.set_exception(e)
-            else:
-                start = 0
-                for j, future, _ in jobs:
-                    if not future.done():
-                        future.set_result(y[start:start + len(j)])
-                    start += len(j)
-            self.runs, self.images = self.runs + 1, self.images + images
-            self._on_batch(images, time.perf_counter() - t0, sum(t0 - queued for _, _, queued in jobs))
 
 
 class Service:

@@ -1,6 +1,6 @@
 """Compare the last N training runs in the terminal: the params that differ, accuracy, speed.
 
-    python -m stages.compare [--last 5]
+    python -m commands.compare [--last 5]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="stages.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="commands.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--last", type=int, default=5, help="how many runs, newest first (default 5)")
     _cli.run(main, parser)

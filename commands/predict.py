@@ -1,8 +1,8 @@
 """Predict the digit in each image file, with onnxruntime (no PyTorch).
 
-    python -m stages.predict photo.jpg drawing.png            # one line per image
-    python -m stages.predict --json *.png                     # JSON lines, with probabilities
-    python -m stages.predict --info                           # what the model file is and where it came from
+    python -m commands.predict photo.jpg drawing.png            # one line per image
+    python -m commands.predict --json *.png                     # JSON lines, with probabilities
+    python -m commands.predict --info                           # what the model file is and where it came from
 
 Any size, any background: images are cropped, scaled and centred the way MNIST was made
 (pipeline/digits.py). Exit status 1 if any image could not be read; the others still run.
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import contract, digits, evaluate, runtime
-from pipeline.serve import ServeConfig
+from serving.config import ServeConfig
 from stages import _cli
 
 
@@ -65,7 +65,7 @@ def info(path: Path, metadata: dict[str, str], as_json: bool) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="stages.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="commands.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", type=Path, nargs="*", help="PNG, JPEG, ... files of single digits")
     parser.add_argument("--model", type=Path, default=contract.DEFAULT_MODEL)

@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 
 from pipeline.errors import PipelineError
-from pipeline.protocol import RequestError
+from serving.protocol import RequestError
 
 
 class Unavailable(PipelineError, RuntimeError):
