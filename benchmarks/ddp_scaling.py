@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.bench import hardware
+from pipeline.machine import hardware
 from tests.helpers import REPO
 
 SETUPS = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import hardware
+from pipeline.machine import hardware
 from tests.helpers import REPO, SSHD, Sshd
 
 

@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.load import Connection, machine, rss_mb
+from benchmarks.load import Connection, rss_mb
+from pipeline.machine import hardware
 from tests.helpers import free_port
 
 APP = '''
@@ -210,7 +211,7 @@ def main() -> None:
     print("|" + " --- |" * (len(results) + 1))
     for row in rows:
         print(f"| {row} | " + " | ".join(str(r[row]) for r in results.values()) + " |")
-    print(f"machine: {machine()}")
+    print(f"machine: {hardware(with_gpu=False)}")
 
 
 def _importable(module: str) -> bool:

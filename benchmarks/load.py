@@ -30,7 +30,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import contract  # numpy only; never torch
+from pipeline.machine import hardware
 from tests.helpers import SpawnedServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,19 +343,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        lines = cpuinfo.splitlines()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = next(line for line in lines if line.startswith("flags")).split()
-        info["cpu_features"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 SCENARIOS = ("json", "binary", "slowloris", "memory", "pictures")
 
 
@@ -410,7 +397,7 @@ def main() -> None:
                 for who, cwd in servers.items():  # side by side: each phase on both before the next
                     key = label if len(servers) == 1 else f"{label} ({who})"
                     results[key] = phase(key, args.model, args.name, flags, run, cwd, seconds)
-    results["machine"] = machine()
+    results["machine"] = hardware(with_gpu=False)
     print(table({k: v for k, v in results.items() if k != "machine"}))
     for k, r in results.items():
         if "statuses" in r:

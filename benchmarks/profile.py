@@ -251,7 +251,7 @@ def table(rows: dict[str, float], flops: dict[str, float], batch: int, title: st
 
 
 def machine() -> str:
-    from pipeline.bench import hardware
+    from pipeline.machine import hardware
     hw = hardware()
     return (f"{hw['cpu']}, {hw['cores']} cores, {torch.get_num_threads()} threads; torch {torch.__version__}, "
             f"onnxruntime {hw['onnxruntime']}, Python {platform.python_version()}")

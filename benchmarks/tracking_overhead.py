@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.bench import hardware
+from pipeline.machine import hardware
 from tests.helpers import REPO, TeamServer
 
 

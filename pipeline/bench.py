@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Hashable
@@ -486,53 +485,3 @@ def table(rows: list[dict]) -> str:
                      f"{iqr:>19} {r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
                      f"{r['providers_used']}{'' if r['stable'] else '  UNSTABLE'}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ the machine
-
-
-def machine_state() -> dict[str, float]:
-    """How busy the machine is and how fast its CPUs run right now: load averages and the
-    clock the kernel reports (MHz; mean, min and max over cores, where it is readable)."""
-    one, five, fifteen = os.getloadavg()
-    state = {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen}
-    mhz = []
-    for f in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq"):
-        mhz.append(int(f.read_text()) / 1e3)  # kHz
-    if not mhz and Path("/proc/cpuinfo").is_file():
-        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("cpu MHz")]
-    if mhz:
-        state.update(cpu_mhz_mean=float(np.mean(mhz)), cpu_mhz_min=min(mhz), cpu_mhz_max=max(mhz))
-    return state
-
-
-def hardware() -> dict[str, str]:
-    import onnxruntime as ort
-    info = {"cpu": _cpu_model(), "cores": str(os.cpu_count()), "machine": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__, "ort_available_providers": ",".join(ort.get_available_providers())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = str(torch.version.cuda)
-        info["driver"] = _nvidia_driver()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _nvidia_driver() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

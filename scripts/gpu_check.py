@@ -24,7 +24,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import bench, contract, data, distributed, evaluate, export, params, runtime, train  # noqa: E402
+from pipeline import bench, contract, data, distributed, evaluate, export, machine, params, runtime, train  # noqa: E402
 from pipeline.model import ModelConfig, Net  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def main() -> None:
     if args.tiny:
         cfg = train.TrainConfig(**{**cfg.__dict__, "epochs": 1, "subset": 1024, "checkpoint_every": 0})
         bcfg = bench.BenchConfig(batch_sizes=(1, 16), warmup=1, min_runs=3, min_seconds=0.0)
-    result: dict = {"hardware": bench.hardware(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    result: dict = {"hardware": machine.hardware(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                     "train_config": cfg.__dict__, "tiny": args.tiny}
     log(json.dumps(result["hardware"]))
 

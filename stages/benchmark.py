@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import atomic, bench, contract, data, figures, runtime
+from pipeline import atomic, bench, contract, data, figures, machine, runtime
 from pipeline.model import ModelConfig, Net
 from stages import _cli
 from tracking.run import Tracker
@@ -29,12 +29,12 @@ def main(args: argparse.Namespace) -> None:
     x = contract.to_input(test_x[:max(cfg.batch_sizes)])
 
     models = {"fp32": fp32, "int8": runtime.load_checked(args.int8)}  # the quantize stage made INT8
-    summary: dict = {"hardware": bench.hardware(), "machine_before": bench.machine_state()}
+    summary: dict = {"hardware": machine.hardware(), "machine_before": machine.state()}
 
     cases, status = bench.choose_cases(models, cfg)
     with tqdm(total=bench.steps(cfg), desc="benchmark", unit="batch size") as bar:
         rows, rounds = bench.measure(cases, models, net, x, cfg, lambda batch: bar.update())
-    summary["machine_after"] = bench.machine_state()
+    summary["machine_after"] = machine.state()
     for r in rows:
         if not r["stable"]:
             print(f"benchmark: UNSTABLE {r['path']} {r['precision']} on {r['threads']} thread(s), batch {r['batch']}: "

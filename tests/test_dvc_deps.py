@@ -15,7 +15,8 @@ import yaml
 
 from tests.conftest import REPO
 
-PACKAGES = ("pipeline", "stages", "commands", "serving", "tracking")  # the project's own code; everything else is a library
+# the project's own code; everything else is a library
+PACKAGES = ("pipeline", "stages", "commands", "serving", "tracking")
 
 
 def module_file(name: str) -> Path | None:
