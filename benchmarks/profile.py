@@ -259,12 +259,11 @@ def machine() -> str:
 
 def profile_train(args: argparse.Namespace) -> list[str]:
     """The real training loop (train.train_epoch) over ``runs`` batches, profiled, then timed bare."""
-    train.seed_everything(0, 0)
-    train.keep_freed_memory()  # as the train stage does
-    cfg, tcfg = ModelConfig(), train.TrainConfig(batch_size=args.batch)
-    dev = torch.device("cpu")
-    images = np.random.default_rng(0).integers(0, 256, (args.batch * args.runs, 28, 28), dtype=np.uint8)
-    labels = np.random.default_rng(1).integers(0, 10, len(images))
+    cfg, tcfg = ModelConfig(), train.TrainConfig(batch_size=args.batch, device="cpu")
+    dev, _ = train.set_up_process(tcfg)  # as the train stage sets its process up; the data is synthetic
+    side = contract.SIDE
+    images = np.random.default_rng(0).integers(0, 256, (args.batch * args.runs, side, side), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, contract.CLASSES, len(images))
     x, y = train.to_tensors(images, labels, dev)
     model = train.prepare(Net(cfg), dev)
     opt, sched = train.make_optimizer(model, tcfg, 10 * args.runs)
@@ -326,7 +325,7 @@ def profile_inference(args: argparse.Namespace) -> list[str]:
         net = Net(cfg)
         say(f"{weights} not found: PyTorch runs random weights (the speed does not depend on them)")
     net = net.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
-    x = np.random.default_rng(0).random((args.batch, 1, 28, 28), dtype=np.float32)
+    x = np.random.default_rng(0).random((args.batch, 1, contract.SIDE, contract.SIDE), dtype=np.float32)
     xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()

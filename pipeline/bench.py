@@ -1,4 +1,7 @@
-"""Inference benchmark: onnxruntime per execution provider, and PyTorch eager beside it.
+"""How the inference benchmark measures: interleaved rounds, their statistics, the typed rows
+and ratios it reports, and when a figure is not to be trusted. What it measures (onnxruntime
+per provider and precision, PyTorch eager) is in ``pipeline/engines.py``; the machine it ran on
+in ``pipeline/machine.py``. Nothing here imports PyTorch or onnxruntime.
 
 For each batch size, every path is prepared and warmed up, then timed in interleaved rounds
 (A, B, C, A, B, C, ...), each round a short burst of calls per path, so that outside load
@@ -18,19 +21,11 @@ wait for the taken one, and paths wait unalike (a two-thread batch-1 call waits 
 call, a one-thread one never), so a ratio at every core says as much about the load as about
 the software. On one thread, and as long as a core is free, no path waits, and the ratio is
 the quiet machine's; the rows at every core are still measured, and flagged when they waited.
-
-Fairness: every path gets the same input, the same thread count, and its fast settings:
-onnxruntime with full graph optimisation and intra-op threads = cores; on CUDA, inputs
-and outputs bound on the device (I/O binding), a cuDNN algorithm choice by heuristic (an
-exhaustive search would charge the first call of every new batch size), and CUDA graphs
-for the fixed shape of each case; PyTorch under ``torch.inference_mode()`` with the same
-threads, in the channels-last layout that its oneDNN/cuDNN convolutions prefer.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
-import tempfile
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -38,10 +33,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
-import onnx
-import torch
 
-from pipeline import runtime
 from pipeline.params import require
 
 
@@ -101,6 +93,7 @@ class BenchConfig:
 
 # ------------------------------------------------------------------------------ measuring
 
+RoundsKey = tuple[str, str, int, int]  # (path, precision, batch, threads): which rounds a row has
 K = TypeVar("K", bound=Hashable)  # what names a path: a string, a (kind, provider, precision) case
 
 
@@ -174,8 +167,28 @@ def interleave(calls: dict[K, Callable[[], object]], batch: int, cfg: BenchConfi
     return out
 
 
+@dataclass(frozen=True)
+class Stats:
+    """One path's timing at one batch size: percentiles over every timed call, throughput, and
+    the spread of its per-round medians (the uncertainty), with why it may not be trusted."""
+
+    p50_ms: float
+    p50_q25_ms: float  # the interquartile range of the per-round medians
+    p50_q75_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    images_per_s: float
+    runs: int  # timed calls
+    rounds: int
+    spread: float  # IQR / median of the per-round medians
+    outside_load: float  # other processes' share of the CPUs meanwhile
+    contention: float | None  # our threads' share of runnable time spent waiting for a CPU (None: unknown)
+    stable: bool
+
+
 def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0,
-              contention: float | None = None) -> dict:
+              contention: float | None = None) -> Stats:
     """Percentiles and throughput over every timed call, and the spread of the per-round
     medians (the row's uncertainty). ``stable`` is False when that spread is over the bound,
     when our threads waited for a CPU more than ``cfg.max_contention`` of their time, or when
@@ -184,38 +197,72 @@ def row_stats(rounds: Rounds, cfg: BenchConfig, outside_load: float = 0.0,
     while its rounds still agree, so the spread alone would not show it."""
     t = np.asarray(rounds.all(), dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99], method="linear") * 1e3
-    med = rounds.medians() * 1e3
-    q25, q75 = np.percentile(med, [25, 75])
-    row = {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(t.mean() * 1e3),
-           "images_per_s": float(rounds.batch * len(t) / t.sum()), "runs": int(len(t)),
-           "rounds": len(rounds.times), "p50_q25_ms": float(q25), "p50_q75_ms": float(q75),
-           "spread": rounds.spread(), "outside_load": outside_load, "contention": contention}
-    row["stable"] = not unstable_because(row, cfg)
-    return row
+    q25, q75 = np.percentile(rounds.medians() * 1e3, [25, 75])
+    stats = Stats(float(p50), float(q25), float(q75), float(p90), float(p99), float(t.mean() * 1e3),
+                  float(rounds.batch * len(t) / t.sum()), int(len(t)), len(rounds.times), rounds.spread(),
+                  outside_load, contention, stable=True)
+    return dataclasses.replace(stats, stable=not unstable_because(stats, cfg))
 
 
-def unstable_because(row: dict, cfg: BenchConfig) -> list[str]:
+@dataclass(frozen=True)
+class Row(Stats):
+    """A row of the benchmark table: which path, precision, threads and batch size, its timing
+    (``Stats``), and what it cost. Flattened to a dict or a metric key only at the edges
+    (``record``, ``metric_key``), so every writer and reader names a figure the same way."""
+
+    path: str = ""  # what ran: onnxruntime-cpu, onnxruntime-cuda, pytorch-cpu, ...
+    provider: str = ""
+    precision: str = "fp32"
+    threads: int = 0
+    batch: int = 0
+    rss_growth_mb: float = 0.0  # resident memory the path's first call added
+    gpu_mem_mb: float | None = None
+    providers_used: str = ""  # session.get_providers(): what really ran
+    note: str = ""
+
+    COLUMNS = ("path", "provider", "precision", "threads", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms",
+               "p99_ms", "mean_ms", "images_per_s", "runs", "rounds", "spread", "outside_load", "contention",
+               "stable", "rss_growth_mb", "gpu_mem_mb", "providers_used", "note")
+
+    def record(self) -> dict:
+        """The row as the JSON and CSV files hold it, in the table's column order."""
+        return {k: getattr(self, k) for k in self.COLUMNS}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Row:
+        return cls(**{k: record[k] for k in cls.COLUMNS if k in record})
+
+    def key(self, figure: str) -> str:
+        """This row's metric name for one of its figures, e.g. bench_onnxruntime-cpu_fp32_b1_t2_p50_ms."""
+        return metric_key(self.path, self.precision, self.batch, self.threads, figure)
+
+
+def metric_key(path: str, precision: str, batch: int, threads: int, figure: str) -> str:
+    """The one way a benchmark figure is named in MLflow and by every reader."""
+    return f"bench_{path}_{precision}_b{batch}_t{threads}_{figure}"
+
+
+def unstable_because(row: Stats, cfg: BenchConfig) -> list[str]:
     """Why a row is flagged unstable, one phrase per reason; empty when it is stable."""
     why = []
-    if row["spread"] > cfg.max_spread:
-        why.append(f"its rounds disagree by {row['spread']:.0%} (bound {cfg.max_spread:.0%}) "
-                   f"after {row['rounds']} rounds")
-    if row["contention"] is not None and row["contention"] > cfg.max_contention:
-        why.append(f"its threads waited {row['contention']:.0%} of their time for a CPU")
-    if row["outside_load"] > cfg.max_outside_load:
-        why.append(f"other processes used {row['outside_load']:.0%} of the CPUs meanwhile")
+    if row.spread > cfg.max_spread:
+        why.append(f"its rounds disagree by {row.spread:.0%} (bound {cfg.max_spread:.0%}) after {row.rounds} rounds")
+    if row.contention is not None and row.contention > cfg.max_contention:
+        why.append(f"its threads waited {row.contention:.0%} of their time for a CPU")
+    if row.outside_load > cfg.max_outside_load:
+        why.append(f"other processes used {row.outside_load:.0%} of the CPUs meanwhile")
     return why
 
 
-def pairable(row: dict, cfg: BenchConfig) -> bool:
+def pairable(row: Stats, cfg: BenchConfig) -> bool:
     """Whether a row's rounds can enter a paired ratio: they agree with each other, and our
     threads did not wait for a CPU. Outside load that only slows both paths of a pair alike
     (caches, memory bandwidth) cancels in the ratio; waiting does not, it depends on how many
     threads a path has. Where the kernel does not say how long our threads waited, any outside
     load counts as waiting."""
-    waited = (row["contention"] > cfg.max_contention if row["contention"] is not None
-              else row["outside_load"] > cfg.max_outside_load)
-    return row["spread"] <= cfg.max_spread and not waited
+    waited = (row.contention > cfg.max_contention if row.contention is not None
+              else row.outside_load > cfg.max_outside_load)
+    return row.spread <= cfg.max_spread and not waited
 
 
 class Snapshot(NamedTuple):
@@ -273,13 +320,52 @@ def contention(before: Snapshot, after: Snapshot) -> float | None:
     return waited / (ran + waited) if ran + waited > 0 else 0.0
 
 
-def paired_ratio(a: Rounds, b: Rounds) -> dict:
+@dataclass(frozen=True)
+class Ratio:
+    """A side-by-side ratio from rounds measured seconds apart in one run: the median of the
+    per-round ratios, their interquartile range, and whether both rows it compares could be
+    paired (``pairable``: their rounds agreed and their threads did not wait for a CPU)."""
+
+    name: str  # e.g. ort_vs_torch_cpu_p50_ratio_b1: below 1, onnxruntime is faster
+    value: float
+    iqr_low: float
+    iqr_high: float
+    rounds: int
+    stable: bool
+
+    def record(self) -> dict:
+        """As the metrics file holds it: ``<name>``, ``<name>_iqr_low``, ``_iqr_high``, ``_stable``."""
+        return {self.name: self.value, f"{self.name}_iqr_low": self.iqr_low, f"{self.name}_iqr_high": self.iqr_high,
+                f"{self.name}_stable": self.stable}
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """The benchmark's comparisons: the ratios, the threads per path they were measured on, and
+    the best onnxruntime FP32 throughput on every core."""
+
+    threads: int
+    ratios: tuple[Ratio, ...]
+    best_images_per_s: float
+
+    def record(self) -> dict:
+        out: dict = {"ratio_threads": self.threads}
+        for r in self.ratios:
+            out.update(r.record())
+        out["ort_cpu_fp32_best_images_per_s"] = self.best_images_per_s
+        return out
+
+    def get(self, name: str) -> Ratio | None:
+        return next((r for r in self.ratios if r.name == name), None)
+
+
+def paired_ratio(a: Rounds, b: Rounds, name: str = "") -> Ratio:
     """a's per-call time over b's, taken round by round (the two ran seconds apart), as the
     median of the per-round ratios with their interquartile range."""
     n = min(len(a.times), len(b.times))
     per_round = a.medians()[:n] / b.medians()[:n]
     q25, q50, q75 = np.percentile(per_round, [25, 50, 75])
-    return {"ratio": float(q50), "iqr": [float(q25), float(q75)], "rounds": int(n)}
+    return Ratio(name, float(q50), float(q25), float(q75), int(n), stable=True)
 
 
 def rss_mb() -> float:
@@ -288,165 +374,13 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-# ------------------------------------------------------------------------------ the paths
-
-Case = tuple[str, str, str]  # (kind 'ort' or 'torch', provider, precision)
-
-# onnxruntime's worker threads otherwise spin between runs, on the cores the next path needs:
-# interleaved with it, PyTorch at batch 256 took 83 ms instead of 52. The price, measured alone:
-# 1.16x onnxruntime's batch-1 latency (0.307 vs 0.265 ms), none from batch 64 up.
-QUIET_BETWEEN_RUNS = {"session.force_spinning_stop": "1"}
-
-
-def ort_path(model: onnx.ModelProto | bytes, provider: str, batch: int, x: np.ndarray,
-             precision: str = "fp32", threads: int = 0) -> tuple[Callable[[], object], dict]:
-    """One onnxruntime path, ready to call, and what its row says about it; on CUDA with
-    device-resident I/O and a CUDA graph."""
-    options = {}
-    if provider == "cuda":
-        options = {"cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "1"}
-    elif provider == "tensorrt":
-        cache = Path(tempfile.gettempdir()) / "mnist-onnx-trt-cache"
-        options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
-                   "trt_fp16_enable": "False"}
-    session = runtime.open_session(model, provider, threads, provider_options=options, config=QUIET_BETWEEN_RUNS)
-    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
-    meta: dict = {"path": f"onnxruntime-{session.label}", "provider": session.label, "precision": precision,
-                  "batch": batch, "providers_used": ",".join(session.providers), "note": session.note}
-    if session.label in ("cuda", "tensorrt"):
-        call, meta["gpu_mem_mb"] = _bound_gpu_call(session, xb)
-        return call, meta
-    return functools.partial(session.run, xb), meta
-
-
-def _bound_gpu_call(session: runtime.Session, xb: np.ndarray) -> tuple[Callable[[], None], Callable[[], float]]:
-    """A call with input and output already on the GPU: the timing excludes host copies."""
-    import onnxruntime as ort
-    s = session.session
-    x_dev = ort.OrtValue.ortvalue_from_numpy(xb, "cuda", 0)
-    y_dev = ort.OrtValue.ortvalue_from_shape_and_type((len(xb), 10), np.float32, "cuda", 0)
-    binding = s.io_binding()
-    binding.bind_ortvalue_input(s.get_inputs()[0].name, x_dev)
-    binding.bind_ortvalue_output(s.get_outputs()[0].name, y_dev)
-    free0 = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-
-    def call() -> None:
-        s.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    def mem() -> float:
-        return (free0 - torch.cuda.mem_get_info()[0]) / 2**20 if free0 is not None else float("nan")
-    return call, mem
-
-
-def torch_path(model: torch.nn.Module, device: torch.device, batch: int,
-               x: np.ndarray) -> tuple[Callable[[], object], dict]:
-    """PyTorch eager on ``device``: same threads, inference mode, channels-last."""
-    model = model.to(device=device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
-    xb = torch.from_numpy(np.resize(x, (batch, *x.shape[1:]))).to(device).contiguous(
-        memory_format=torch.channels_last)
-    meta: dict = {"path": f"pytorch-{device.type}", "provider": device.type, "precision": "fp32", "batch": batch,
-                  "providers_used": f"torch {torch.__version__}", "note": ""}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        meta["gpu_mem_mb"] = lambda: torch.cuda.max_memory_allocated(device) / 2**20
-
-    @torch.inference_mode()
-    def call() -> None:
-        model(xb)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return call, meta
-
-
-def choose_cases(models: dict[str, onnx.ModelProto],
-                 cfg: BenchConfig) -> tuple[list[Case], dict[str, str]]:
-    """The cases to run: onnxruntime CPU per model precision, PyTorch CPU, and each GPU provider
-    (and PyTorch CUDA) only where it really runs; and, per GPU provider asked for, 'ran' or why not."""
-    cases: list[Case] = [("ort", "cpu", p) for p in models] + [("torch", "cpu", "fp32")]
-    status = {}
-    for gpu in [p for p in cfg.providers if p != "cpu"]:
-        probe = runtime.open_session(models["fp32"], gpu)
-        status[f"{gpu}_status"] = "ran" if probe.label == gpu else f"unavailable: {probe.note}"
-        if probe.label == gpu:
-            cases.append(("ort", gpu, "fp32"))
-    if torch.cuda.is_available():
-        cases.append(("torch", "cuda", "fp32"))
-    return cases, status
-
-
-RoundsKey = tuple[str, str, int, int]  # (path, precision, batch, threads)
-
-
-def sweep(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
-          cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None, threads: int | None = None,
-          batch_sizes: tuple[int, ...] | None = None) -> tuple[list[dict], dict[RoundsKey, Rounds]]:
-    """Every case at every batch size (``cfg.batch_sizes`` unless given), on ``threads`` per path
-    (``cfg.threads`` unless given; onnxruntime and PyTorch alike), the cases of one batch size in
-    interleaved rounds. Returns the rows (grouped by case, in batch order) and each row's rounds,
-    keyed by (path, precision, batch, threads), for the paired ratios. ``on_batch`` hears each
-    batch size done."""
-    n = cfg.resolved_threads(cfg.threads if threads is None else threads)
-    batch_sizes = batch_sizes or cfg.batch_sizes
-    rows: dict[tuple[Case, int], dict] = {}
-    measured: dict[RoundsKey, Rounds] = {}
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        for batch in batch_sizes:
-            calls, metas = {}, {}
-            for case in cases:
-                kind, provider, precision = case
-                rss0 = rss_mb()
-                calls[case], metas[case] = (
-                    ort_path(models[precision], provider, batch, x, precision, n) if kind == "ort"
-                    else torch_path(net, torch.device(provider), batch, x))
-                calls[case]()  # the first call allocates: count it in the path's memory
-                metas[case].update(threads=n, rss_growth_mb=rss_mb() - rss0)
-            before = cpu_snapshot()
-            rounds = interleave(calls, batch, cfg)
-            after = cpu_snapshot()
-            others, waited = outside_load(before, after), contention(before, after)
-            for case in cases:
-                meta = metas[case]
-                gpu_mem = meta.pop("gpu_mem_mb", None)
-                rows[case, batch] = {**meta, **row_stats(rounds[case], cfg, others, waited),
-                                     **({"gpu_mem_mb": gpu_mem()} if gpu_mem else {})}
-                measured[meta["path"], meta["precision"], batch, n] = rounds[case]
-            on_batch(batch)
-    finally:
-        torch.set_num_threads(torch_threads)
-    return [rows[case, batch] for case in cases for batch in batch_sizes], measured
-
-
-def steps(cfg: BenchConfig) -> int:
-    """How many batch-size sweeps ``measure`` runs (for a progress bar)."""
-    return len(cfg.batch_sizes) + (len(set(cfg.ratio_batches())) if cfg.ratios_apart() else 0)
-
-
-def measure(cases: list[Case], models: dict[str, onnx.ModelProto], net: torch.nn.Module, x: np.ndarray,
-            cfg: BenchConfig, on_batch: Callable[[int], None] = lambda batch: None
-            ) -> tuple[list[dict], dict[RoundsKey, Rounds]]:
-    """The benchmark: every case at every batch size on ``cfg.threads``; then, where the ratios
-    have a thread count of their own (``cfg.ratio_threads``, per core by default), the CPU cases
-    again at the ratios' batch sizes on that many threads. Rows of both, and their rounds."""
-    rows, rounds = sweep(cases, models, net, x, cfg, on_batch)
-    if cfg.ratios_apart():
-        cpu = [case for case in cases if case[1] == "cpu"]
-        more, more_rounds = sweep(cpu, models, net, x, cfg, on_batch, cfg.ratio_threads,
-                                  tuple(sorted(set(cfg.ratio_batches()))))
-        rows, rounds = rows + more, {**rounds, **more_rounds}
-    return rows, rounds
-
-
 # ------------------------------------------------------------------------------ reporting
 
 
-def ratios(rows: list[dict], rounds: dict[RoundsKey, Rounds], cfg: BenchConfig) -> dict:
-    """The side-by-side ratios, each from rounds measured seconds apart in this one run: the
-    median of per-round ratios, with the interquartile range as ``<name>_iqr_low/high`` and
-    whether both rows it compares could be paired (``pairable``). The CPU ratios come from the
-    rounds on ``cfg.ratio_threads`` threads, the CUDA one from those on ``cfg.threads``."""
+def ratios(rows: list[Row], rounds: dict[RoundsKey, Rounds], cfg: BenchConfig) -> Ratios:
+    """The side-by-side ratios, each from rounds measured seconds apart in this one run. The CPU
+    ratios come from the rounds on ``cfg.ratio_threads`` threads, the CUDA one from those on
+    ``cfg.threads``; a ratio whose rows were not both measured is left out."""
     small, big = cfg.ratio_batches()
     top = max(cfg.batch_sizes)
     per_core, every = cfg.resolved_threads(cfg.ratio_threads), cfg.resolved_threads(cfg.threads)
@@ -461,27 +395,23 @@ def ratios(rows: list[dict], rounds: dict[RoundsKey, Rounds], cfg: BenchConfig) 
         f"ort_vs_torch_cuda_throughput_ratio_b{top}": (("pytorch-cuda", "fp32", top, every),
                                                        ("onnxruntime-cuda", "fp32", top, every)),
     }
-    ok = {(r["path"], r["precision"], r["batch"], r["threads"]): pairable(r, cfg) for r in rows}
-    out: dict = {"ratio_threads": per_core}
+    ok = {(r.path, r.precision, r.batch, r.threads): pairable(r, cfg) for r in rows}
+    found = []
     for name, (a, b) in pairs.items():
         if a in rounds and b in rounds:
-            r = paired_ratio(rounds[a], rounds[b])
-            out[name] = r["ratio"]
-            out[f"{name}_iqr_low"], out[f"{name}_iqr_high"] = r["iqr"]
-            out[f"{name}_stable"] = ok[a] and ok[b]
-    best = max((r["images_per_s"] for r in rows if r["path"] == "onnxruntime-cpu" and r["precision"] == "fp32"
-                and r["threads"] == every), default=0.0)
-    out["ort_cpu_fp32_best_images_per_s"] = best
-    return out
+            found.append(dataclasses.replace(paired_ratio(rounds[a], rounds[b], name), stable=ok[a] and ok[b]))
+    best = max((r.images_per_s for r in rows if r.path == "onnxruntime-cpu" and r.precision == "fp32"
+                and r.threads == every), default=0.0)
+    return Ratios(per_core, tuple(found), best)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[Row]) -> str:
     head = (f"{'path':<18} {'prec':<5} {'thr':>3} {'batch':>5} {'p50 ms':>9} {'p50 IQR of rounds':>19} {'p99 ms':>9} "
             f"{'images/s':>10} {'RSS+ MB':>8}  ran on")
     lines = [head, "-" * len(head)]
     for r in rows:
-        iqr = f"{r['p50_q25_ms']:.3f}-{r['p50_q75_ms']:.3f}"
-        lines.append(f"{r['path']:<18} {r['precision']:<5} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} "
-                     f"{iqr:>19} {r['p99_ms']:>9.3f} {r['images_per_s']:>10.0f} {r['rss_growth_mb']:>8.1f}  "
-                     f"{r['providers_used']}{'' if r['stable'] else '  UNSTABLE'}")
+        iqr = f"{r.p50_q25_ms:.3f}-{r.p50_q75_ms:.3f}"
+        lines.append(f"{r.path:<18} {r.precision:<5} {r.threads:>3} {r.batch:>5} {r.p50_ms:>9.3f} {iqr:>19} "
+                     f"{r.p99_ms:>9.3f} {r.images_per_s:>10.0f} {r.rss_growth_mb:>8.1f}  "
+                     f"{r.providers_used}{'' if r.stable else '  UNSTABLE'}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import contract
+from pipeline import bench, contract
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class CardInputs:
     metadata: dict[str, str]  # the model file's metadata_props
     sha256: str
     onnx_bytes: int
+    architecture: str  # ModelConfig.describe() of the params the model was trained with
     train: dict  # metrics/train.json
     evaluate: dict  # metrics/evaluate.json
     quantize: dict  # metrics/quantize.json
@@ -43,16 +44,34 @@ def confusions(actual: np.ndarray, predicted: np.ndarray, top: int = 5) -> list[
     return [(contract.LABELS[a], contract.LABELS[p], n) for (a, p), n in wrong.most_common(top)]
 
 
-def _ms(benchmark: dict, path: str, precision: str, batch: int, key: str) -> float | None:
-    """The first such row: on every core (the per-core rows the ratios come from follow them)."""
-    for row in benchmark.get("rows", []):
-        if (row["path"], row["precision"], row["batch"]) == (path, precision, batch):
-            return row[key]
-    return None
+def _latency_row(benchmark: dict) -> bench.Row | None:
+    """onnxruntime FP32 on the CPU at batch 1, on every core (the per-core rows the ratios come
+    from follow it in the file): the latency one caller sees."""
+    rows = [bench.Row.from_record(r) for r in benchmark.get("rows", [])]
+    return next((r for r in rows if (r.path, r.precision, r.batch) == ("onnxruntime-cpu", "fp32", 1)), None)
+
+
+def _flag(row: bench.Row) -> str:
+    """What the card says after a figure from a row the benchmark flagged, and why; nothing if it is stable."""
+    if row.stable:
+        return ""
+    why = [f"its rounds spread {row.spread:.0%}"]
+    if row.contention is not None:
+        why.append(f"its threads waited {row.contention:.0%} of their time for a CPU")
+    why.append(f"other processes used {row.outside_load:.0%} of the CPUs")
+    return f" (**unstable**: measured on a busy machine, {', '.join(why)}; do not compare it with a quiet run)"
+
+
+def _training_images(train: dict) -> str:
+    """How many training images the model saw, against MNIST's 60,000 (``train.subset`` may use fewer)."""
+    n = train.get("train_images", contract.TRAIN_IMAGES)
+    return f"all {n:,} training images" if n == contract.TRAIN_IMAGES else \
+        f"{n:,} of the {contract.TRAIN_IMAGES:,} training images (train.subset)"
 
 
 def render(c: CardInputs) -> str:
     m, ev, tr, q, b = c.metadata, c.evaluate, c.train, c.quantize, c.benchmark
+    side = contract.SIDE
     classes = per_class(c.actual, c.predicted)
     mistakes = confusions(c.actual, c.predicted)
     hw = b.get("hardware", {})
@@ -61,9 +80,9 @@ def render(c: CardInputs) -> str:
         "",
         "## What it is and what it is for",
         "",
-        "A convolutional network that reads one handwritten digit, 0 to 9, from a 28x28 grey picture:",
-        "conv 5x5x32 -> max pool -> conv 5x5x64 -> max pool -> fc 1024 -> dropout -> fc 10, as in the",
-        f"TensorFlow tutorial; {tr['params']:,} parameters, {c.onnx_bytes / 1e6:.1f} MB of ONNX. For teaching,",
+        f"A convolutional network that reads one handwritten digit, 0 to 9, from a {side}x{side} grey picture:",
+        f"{c.architecture}, the TensorFlow tutorial's network with these params;",
+        f"{tr['params']:,} parameters, {c.onnx_bytes / 1e6:.1f} MB of ONNX. For teaching,",
         "for testing a deployment path end to end, and for reading single digits written on a clean",
         "background. It is not for letters, several digits at once, or anything where a wrong answer costs",
         "more than a retry: see the limitations below.",
@@ -79,8 +98,8 @@ def render(c: CardInputs) -> str:
         "",
         "## Training data",
         "",
-        f"MNIST: {ev['images']:,} test images held out; training on the 60,000 training images "
-        f"(DVC hash of `data/raw`: `{m.get('data_md5')}`), trained on {tr['device']} "
+        f"MNIST: {ev['images']:,} test images held out; trained on {_training_images(tr)} "
+        f"(DVC hash of `data/raw`: `{m.get('data_md5')}`), on {tr['device']} "
         f"at {tr['images_per_s']:,.0f} images/s.",
         "",
         "## How good it is",
@@ -99,12 +118,12 @@ def render(c: CardInputs) -> str:
         "## How fast it is",
         "",
     ]
-    p50 = _ms(b, "onnxruntime-cpu", "fp32", 1, "p50_ms")
+    row = _latency_row(b)
     best = b.get("ort_cpu_fp32_best_images_per_s")
-    if p50 is not None and best is not None:
+    if row is not None and best is not None:
         lines += [f"On {hw.get('cpu', 'the benchmark CPU')} ({hw.get('cores', '?')} cores), onnxruntime on the CPU: "
-                  f"{p50:.2f} ms per single image (p50), up to {best:,.0f} images/s in batches. "
-                  "Other machines differ: run `dvc repro benchmark` on yours (see the README's Performance)."]
+                  f"{row.p50_ms:.2f} ms per single image (p50){_flag(row)}, up to {best:,.0f} images/s in batches. "
+                  "Other machines differ: run `dvc repro benchmark` on yours (see docs/performance.md)."]
     else:
         lines += ["Not measured: the benchmark has no onnxruntime CPU row."]
     lines += [

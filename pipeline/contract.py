@@ -15,8 +15,10 @@ import numpy as np
 from pipeline.params import require
 
 SIDE = 28  # MNIST images are 28x28 pixels, one channel
+PIXEL_MAX = 255.0  # MNIST's 8-bit grey levels; the model's input is pixel / PIXEL_MAX, in [0, 1]
 CLASSES = 10
 LABELS = tuple(str(d) for d in range(CLASSES))
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # MNIST's two splits
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 DEFAULT_MODEL = Path("models/model.onnx")  # what the commands load when not told (dvc.yaml's export out)
 PRODUCER = "mnist-onnx"  # the model file's producer_name: this project
@@ -40,4 +42,4 @@ class RegistryConfig:
 
 def to_input(images: np.ndarray) -> np.ndarray:
     """uint8 images (N, 28, 28), 0..255 -> the model's input, float32 (N, 1, 28, 28) in [0, 1]."""
-    return (images.astype(np.float32) / 255.0)[:, None, :, :]
+    return (images.astype(np.float32) / PIXEL_MAX)[:, None, :, :]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, contract
 from pipeline.errors import PipelineError
 from pipeline.params import require
 
@@ -296,8 +296,9 @@ def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     img_name, lbl_name = SPLITS[split]
     images = _read_idx(Path(raw_dir) / img_name)
     labels = _read_idx(Path(raw_dir) / lbl_name)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise IDXError(f"{img_name}: shape {list(images.shape)}, expected [N, 28, 28] images")
+    side = contract.SIDE
+    if images.ndim != 3 or images.shape[1:] != (side, side):
+        raise IDXError(f"{img_name}: shape {list(images.shape)}, expected [N, {side}, {side}] images")
     if labels.ndim != 1:
         raise IDXError(f"{lbl_name}: shape {list(labels.shape)}, expected [N] labels")
     if len(images) != len(labels):

@@ -13,12 +13,13 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import contract
 from pipeline.errors import PipelineError
 
 MAX_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
 MAX_SIDE = 1024  # larger pictures are shrunk to this before any arithmetic: a digit needs no more
 INK_THRESHOLD = 0.2  # fraction of full intensity that counts as ink when cropping
-SIDE, BOX = 28, 20  # MNIST frame and the box the digit is scaled into
+SIDE, BOX = contract.SIDE, 20  # MNIST's frame and the box its digits are scaled into
 CENTRE = 14.0  # MNIST's centre of mass, in pixel indices (row and column)
 
 
@@ -52,7 +53,7 @@ def decode(blob: bytes) -> np.ndarray:
             alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             small = (img.convert("RGBA") if img.mode in ("P", "PA") and alpha else img).convert("LA" if alpha else "L")
         small.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)  # keeps the aspect ratio; never enlarges
-        pixels = np.asarray(small, np.float32) / 255.0
+        pixels = np.asarray(small, np.float32) / contract.PIXEL_MAX
     except UnidentifiedImageError:
         raise ImageError("not an image: the bytes are no PNG, JPEG or other format Pillow reads") from None
     except ImageError:

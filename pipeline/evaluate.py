@@ -30,7 +30,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 10) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = contract.CLASSES) -> np.ndarray:
     """cm[true, predicted] = count."""
     cm = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(cm, (labels.astype(np.int64), predicted.astype(np.int64)), 1)

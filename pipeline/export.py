@@ -65,7 +65,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, cfg: ExportConfig,
         raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     drop_stack_traces(proto)
-    proto.doc_string = "MNIST CNN (TensorFlow tutorial). Input: float32 [N,1,28,28] in [0,1], white on black."
+    side = contract.SIDE
+    proto.doc_string = f"MNIST CNN (TensorFlow tutorial). Input: float32 [N,1,{side},{side}] in [0,1], white on black."
     stamp(proto, {**contract.INPUT_CONTRACT, **(metadata or {})}, producer_version)
     onnx.checker.check_model(proto, full_check=True)
     dim = proto.graph.input[0].type.tensor_type.shape.dim[0]

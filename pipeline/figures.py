@@ -3,6 +3,7 @@ maps, and the benchmark chart (DVC draws the training curves from plots/train.cs
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
+
+if TYPE_CHECKING:  # the benchmark's records, for the chart's signature only (bench is not imported to draw)
+    from pipeline import bench
 
 
 def _save(fig, path: str | os.PathLike) -> None:
@@ -46,8 +50,8 @@ def confusion_png(cm: np.ndarray, path: str | os.PathLike) -> None:
         for p in range(cm.shape[1]):
             ax.text(p, t, cm[t, p], ha="center", va="center", fontsize=7,
                     color="black" if t != p else "darkgreen", weight="bold" if t == p else None)
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
+    ax.set_xticks(range(cm.shape[1]))
+    ax.set_yticks(range(cm.shape[0]))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix, accuracy {cm.trace() / cm.sum():.2%}")
@@ -92,32 +96,32 @@ def feature_maps(images: np.ndarray, maps: dict[str, np.ndarray], path: str | os
     _save(fig, path)
 
 
-def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str, ratios: dict | None = None) -> None:
+def benchmark_chart(rows: list[bench.Row], path: str | os.PathLike, title: str,
+                    ratios: bench.Ratios | None = None) -> None:
     """Latency (p50, with the interquartile range of its per-round medians as error bars) and
     throughput against batch size, one line per path, precision and thread count (the per-core
     lines dashed). A point flagged unstable (its rounds disagreed, its threads waited for a CPU,
     or other processes were busy) is drawn as a red X. Below, the paired ratios with their
     interquartile ranges, and which of them are flagged."""
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.8 if ratios else 4.4))
-    lines: dict[str, list[dict]] = {}
-    several = len({r["threads"] for r in rows}) > 1  # the per-core rows the ratios come from, beside the rest
+    lines: dict[str, list[bench.Row]] = {}
+    several = len({r.threads for r in rows}) > 1  # the per-core rows the ratios come from, beside the rest
     for r in rows:
-        threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if several else ""
-        lines.setdefault(f"{r['path']} {r['precision']}{threads}", []).append(r)
-    fewest = min(r["threads"] for r in rows)
+        threads = f", {r.threads} thread{'s' if r.threads > 1 else ''}" if several else ""
+        lines.setdefault(f"{r.path} {r.precision}{threads}", []).append(r)
+    fewest = min(r.threads for r in rows)
     flagged = False
     for name, rs in sorted(lines.items()):
-        rs = sorted(rs, key=lambda r: r["batch"])
-        b = [r["batch"] for r in rs]
-        style = "--" if several and rs[0]["threads"] == fewest else "-"
-        p50 = np.array([r["p50_ms"] for r in rs])
-        err = np.array([[max(p - r["p50_q25_ms"], 0), max(r["p50_q75_ms"] - p, 0)] for p, r in zip(p50, rs)]).T
+        rs = sorted(rs, key=lambda r: r.batch)
+        b = [r.batch for r in rs]
+        style = "--" if several and rs[0].threads == fewest else "-"
+        p50 = np.array([r.p50_ms for r in rs])
+        err = np.array([[max(p - r.p50_q25_ms, 0), max(r.p50_q75_ms - p, 0)] for p, r in zip(p50, rs)]).T
         drawn = lat.errorbar(b, p50, yerr=err, marker="o", capsize=3, linestyle=style, label=name)
-        thr.plot(b, [r["images_per_s"] for r in rs], marker="o", linestyle=style, color=drawn[0].get_color(),
-                 label=name)
-        shaky = [r for r in rs if not r["stable"]]
+        thr.plot(b, [r.images_per_s for r in rs], marker="o", linestyle=style, color=drawn[0].get_color(), label=name)
+        shaky = [r for r in rs if not r.stable]
         for ax, key in ((lat, "p50_ms"), (thr, "images_per_s")):
-            ax.scatter([r["batch"] for r in shaky], [r[key] for r in shaky], marker="X", s=90, color="crimson",
+            ax.scatter([r.batch for r in shaky], [getattr(r, key) for r in shaky], marker="X", s=90, color="crimson",
                        zorder=5, label="unstable (see the console)" if ax is thr and shaky and not flagged else None)
         flagged = flagged or bool(shaky)
     for ax, ylabel in ((lat, "p50 latency per call (ms), IQR of rounds"), (thr, "throughput (images/s)")):
@@ -128,10 +132,9 @@ def benchmark_chart(rows: list[dict], path: str | os.PathLike, title: str, ratio
         ax.grid(True, which="both", alpha=0.3)
     thr.legend(fontsize=8)
     if ratios:
-        names = [k for k in ratios if f"{k}_iqr_low" in ratios]
-        text = "   ".join(f"{k}: {ratios[k]:.3f} (IQR {ratios[f'{k}_iqr_low']:.3f}-{ratios[f'{k}_iqr_high']:.3f})"
-                           f"{'' if ratios[f'{k}_stable'] else ' UNSTABLE'}" for k in names)
-        fig.text(0.5, 0.01, f"paired ratios on {ratios['ratio_threads']} thread(s) per path:\n{text}",
+        text = "   ".join(f"{r.name}: {r.value:.3f} (IQR {r.iqr_low:.3f}-{r.iqr_high:.3f})"
+                           f"{'' if r.stable else ' UNSTABLE'}" for r in ratios.ratios)
+        fig.text(0.5, 0.01, f"paired ratios on {ratios.threads} thread(s) per path:\n{text}",
                  ha="center", va="bottom", fontsize=7.5, wrap=True)
         fig.subplots_adjust(bottom=0.2)
     fig.suptitle(title, fontsize=9)

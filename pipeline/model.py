@@ -48,6 +48,20 @@ class ModelConfig:
             side = contract.SIDE
             raise ParamError(f"model: this architecture does not fit a {side}x{side} image: {e}") from None
 
+    def describe(self) -> str:
+        """The architecture in one line, as the tutorial writes it: 'conv 5x5x32 -> max pool 2x2 -> ...'
+        (stride and padding said where they are not the tutorial's 1 and SAME)."""
+        conv = f"conv {self.kernel}x{self.kernel}x{{}}"
+        if self.stride != 1:
+            conv += f" stride {self.stride}"
+        if self.padding != "same":
+            conv += f" padding {self.padding}"
+        pool = f"max pool {self.pool}x{self.pool}"
+        if self.pool_stride != self.pool:
+            pool += f" stride {self.pool_stride}"
+        layers = [part for c in self.channels for part in (conv.format(c), pool)]
+        return " -> ".join([*layers, f"fc {self.fc_units}", f"dropout {self.dropout:g}", f"fc {contract.CLASSES}"])
+
     def layers(self) -> list[shapes.Layer]:
         """The predicted network table (raises shapes.ShapeError if it doesn't tile)."""
         return shapes.plan(contract.SIDE, 1, self.channels, self.kernel, self.stride, self.padding,

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from pipeline import runtime, shapes
+from pipeline import contract, runtime, shapes
 from pipeline.errors import PipelineError
 
 # ONNX ops that implement each kind of layer, in the order layers appear
@@ -200,7 +200,8 @@ def verify(proto: onnx.ModelProto, plan: list[shapes.Layer], x: np.ndarray) -> l
     if inferred is not None:
         graph_in = _dims(inferred.graph.input[0])
         if not isinstance(graph_in[0], str):
-            rows.append(Row("input", "input", "", ["N", 1, 28, 28], graph_in, None, 0, 0, "", False,
+            expected: list[int | str] = ["N", 1, contract.SIDE, contract.SIDE]
+            rows.append(Row("input", "input", "", expected, graph_in, None, 0, 0, "", False,
                             f"the graph input's batch axis is fixed to {graph_in[0]}, not symbolic"))
     for problem in whole:
         rows.append(Row("model", "graph", "", [], None, None, 0, 0, "", False, name_layers(problem, nodes)))

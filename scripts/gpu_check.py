@@ -24,7 +24,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import bench, contract, data, distributed, evaluate, export, machine, params, runtime, train  # noqa: E402
+from pipeline import bench, contract, data, distributed, engines, evaluate, export, machine, params, runtime, train  # noqa: E402,E501
 from pipeline.model import ModelConfig, Net  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +63,8 @@ def main() -> None:
     log(json.dumps(result["hardware"]))
 
     # --- training: per-epoch wall time, and the time at which test accuracy first reaches 99.3%
-    device = train.resolve_device(cfg.device)
-    train.seed_everything(cfg.seed, cfg.threads)
-    train.configure_device(device, cfg)
-    x_np, y_np = data.load_split(raw, "train")
-    if cfg.subset:
-        x_np, y_np = x_np[:cfg.subset], y_np[:cfg.subset]
-    x, y = train.to_tensors(x_np, y_np, device)
-    xt, yt = train.to_tensors(*data.load_split(raw, "test"), device)
-    model = train.prepare(Net(model_cfg), device)
+    run = train.set_up(model_cfg, cfg, raw)  # exactly as the train stage sets a process up
+    device, model, x, y, xt, yt = run.device, run.model, run.x, run.y, run.xt, run.yt
     t0 = time.perf_counter()
     reached = {}
 
@@ -110,11 +103,11 @@ def main() -> None:
     # --- the benchmark sweep
     x_in = contract.to_input(images[:max(bcfg.batch_sizes)])
     models = {"fp32": proto}
-    cases, status = bench.choose_cases(models, bcfg)
-    rows, rounds = bench.measure(cases, models, cpu_model, x_in, bcfg, lambda batch: log(f"  batch {batch} done"))
+    cases, status = engines.choose_cases(models, bcfg)
+    rows, rounds = engines.measure(cases, models, cpu_model, x_in, bcfg, lambda batch: log(f"  batch {batch} done"))
     result.update(status)
-    result["benchmark"] = rows
-    result["ratios"] = bench.ratios(rows, rounds, bcfg)
+    result["benchmark"] = [r.record() for r in rows]
+    result["ratios"] = bench.ratios(rows, rounds, bcfg).record()
     log(bench.table(rows))
     log(json.dumps({**status, **result["ratios"]}, indent=1))
     # --- DDP scaling: the same training on 1 and on N GPUs (CPU processes in the rehearsal)
@@ -161,16 +154,9 @@ def scaling(raw: Path, counts: tuple[int, int], tiny: bool) -> dict:
 def scaling_worker(raw: Path, out: Path, tiny: bool) -> None:
     """One rank under torchrun: two epochs of the params' training; rank 0 writes the speed."""
     model_cfg, cfg = _configs(tiny)
-    device = train.resolve_device(cfg.device)
-    world = distributed.init(device)
-    device = distributed.device_of(world, device)
-    train.seed_everything(cfg.seed + world.rank, distributed.threads_per_process(cfg.threads, world))
-    train.configure_device(device, cfg)
-    x_np, y_np = data.load_split(raw, "train")
-    if cfg.subset:
-        x_np, y_np = x_np[:cfg.subset], y_np[:cfg.subset]
-    x, y = train.to_tensors(x_np, y_np, device)
-    training = train.Training.start(train.prepare(Net(model_cfg), device), cfg, x, y, world=world)
+    run = train.set_up(model_cfg, cfg, raw)
+    device, world = run.device, run.world
+    training = train.Training.start(run.model, cfg, run.x, run.y, world=world)
     for _ in training.remaining_epochs():
         training.end_epoch(training.run_epoch())
     distributed.finish(world)

@@ -31,4 +31,4 @@ fi
 source .venv/bin/activate
 echo "test: ruff check"; ruff check .
 echo "test: mypy"; mypy
-python -m pytest "$@"
+python -m pytest --durations=25 "$@"  # the slowest tests, so creeping cost shows

@@ -9,14 +9,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import atomic, bench, contract, data, figures, machine, runtime
+from pipeline import atomic, bench, contract, data, engines, figures, machine, runtime
 from pipeline.model import ModelConfig, Net
 from stages import _cli
 from tracking.run import Tracker
-
-COLUMNS = ["path", "provider", "precision", "threads", "batch", "p50_ms", "p50_q25_ms", "p50_q75_ms", "p90_ms",
-           "p99_ms", "mean_ms", "images_per_s", "runs", "rounds", "spread", "outside_load", "contention", "stable",
-           "rss_growth_mb", "gpu_mem_mb", "providers_used", "note"]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,49 +25,47 @@ def main(args: argparse.Namespace) -> None:
     x = contract.to_input(test_x[:max(cfg.batch_sizes)])
 
     models = {"fp32": fp32, "int8": runtime.load_checked(args.int8)}  # the quantize stage made INT8
-    summary: dict = {"hardware": machine.hardware(), "machine_before": machine.state()}
-
-    cases, status = bench.choose_cases(models, cfg)
-    with tqdm(total=bench.steps(cfg), desc="benchmark", unit="batch size") as bar:
-        rows, rounds = bench.measure(cases, models, net, x, cfg, lambda batch: bar.update())
-    summary["machine_after"] = machine.state()
+    hw, before = machine.hardware(), machine.state()
+    cases, status = engines.choose_cases(models, cfg)
+    with tqdm(total=engines.steps(cfg), desc="benchmark", unit="batch size") as bar:
+        rows, rounds = engines.measure(cases, models, net, x, cfg, lambda batch: bar.update())
+    after = machine.state()
     for r in rows:
-        if not r["stable"]:
-            print(f"benchmark: UNSTABLE {r['path']} {r['precision']} on {r['threads']} thread(s), batch {r['batch']}: "
+        if not r.stable:
+            print(f"benchmark: UNSTABLE {r.path} {r.precision} on {r.threads} thread(s), batch {r.batch}: "
                   f"{'; '.join(bench.unstable_because(r, cfg))}; do not compare it with a quiet run", flush=True)
     ratios = bench.ratios(rows, rounds, cfg)
-    for name in [k.removesuffix("_stable") for k, v in ratios.items() if k.endswith("_stable") and not v]:
-        print(f"benchmark: UNSTABLE ratio {name}: a row it compares spread or waited for a CPU", flush=True)
+    for ratio in ratios.ratios:
+        if not ratio.stable:
+            print(f"benchmark: UNSTABLE ratio {ratio.name}: a row it compares spread or waited for a CPU", flush=True)
     for name, state in status.items():
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
                   f"{state.removeprefix('unavailable: ')}; measured on CPU only", flush=True)
-    summary.update(status)
-    summary.update(ratios)
+    summary = {"hardware": hw, "machine_before": before, "machine_after": after, **status, **ratios.record()}
 
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, bench.Row.COLUMNS)
     writer.writeheader()
-    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.record().items()} for r in rows)
     atomic.write_text(args.plots, out.getvalue())
-    atomic.write_json(args.metrics, {**summary, "rows": rows})
-    hw = summary["hardware"]
+    atomic.write_json(args.metrics, {**summary, "rows": [r.record() for r in rows]})
     gpu = f", {hw['gpu']}" if "gpu" in hw else ""
-    waits = [r["contention"] for r in rows if r["contention"] is not None]
-    load = (f"other processes' CPU share up to {max(r['outside_load'] for r in rows):.0%}"
+    waits = [r.contention for r in rows if r.contention is not None]
+    load = (f"other processes' CPU share up to {max(r.outside_load for r in rows):.0%}"
             + (f", our threads waited for a CPU up to {max(waits):.0%}" if waits else ""))
-    unstable = sum(not r["stable"] for r in rows)
+    unstable = sum(not r.stable for r in rows)
     figures.benchmark_chart(rows, args.chart, f"{hw['cpu']} ({hw['cores']} cores){gpu}; onnxruntime "
                             f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}",
                             ratios)
 
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    tracker.log_metrics({f"{when}_{k}": v for when in ("machine_before", "machine_after")
-                         for k, v in summary[when].items()})
-    tracker.log_metrics({f"bench_{r['path']}_{r['precision']}_b{r['batch']}_t{r['threads']}_{k}": r[k]
-                         for r in rows for k in ("p50_ms", "p50_q25_ms", "p50_q75_ms", "images_per_s", "spread",
-                                                 "outside_load", "contention", "stable") if r[k] is not None})
+    tracker.log_metrics({f"{when}_{k}": v for when, state in (("machine_before", before), ("machine_after", after))
+                         for k, v in state.items()})
+    figures_logged = ("p50_ms", "p50_q25_ms", "p50_q75_ms", "images_per_s", "spread", "outside_load", "contention",
+                      "stable")
+    tracker.log_metrics({r.key(k): getattr(r, k) for r in rows for k in figures_logged if getattr(r, k) is not None})
     for path in (args.chart, args.plots):
         tracker.log_artifact(path, "benchmark")
     # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import atomic, card, runtime
+from pipeline.model import ModelConfig
 from stages import _cli
 from tracking.run import Tracker
 
 
 def main(args: argparse.Namespace) -> None:
+    architecture = _cli.section(ModelConfig, "model").describe()  # the params the model was trained with
     model = runtime.load_checked(args.model)
     metrics = {name: json.loads(path.read_text()) for name, path in
                (("train", args.train), ("evaluate", args.evaluate), ("quantize", args.quantize),
@@ -28,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
 
     def page(links: dict[str, str]) -> str:
         return card.render(card.CardInputs(
-            metadata=runtime.metadata(model), sha256=runtime.sha256(args.model),
+            metadata=runtime.metadata(model), sha256=runtime.sha256(args.model), architecture=architecture,
             onnx_bytes=args.model.stat().st_size, actual=actual, predicted=predicted, pictures=links, **metrics))
 
     # in the repository the card links to the evaluate stage's pictures; in MLflow, to copies beside it

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, checkpoint, data, distributed, params, train
-from pipeline.model import ModelConfig, Net, count_params
+from pipeline import atomic, checkpoint, distributed, params, train
+from pipeline.model import ModelConfig, count_params
 from stages import _cli
 from tracking.provenance import git_tags, package_version
 from tracking.run import Tracker, summary_metrics, training_run
@@ -31,19 +31,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"train: starting {n} processes with torchrun", flush=True)  # they run this same command
         command = distributed.torchrun_command(n, "stages.train", sys.argv[1:])
         os.execv(command[0], command)  # this process becomes torchrun's agent: killing it ends the workers
-    world = distributed.init(device)
-    device = distributed.device_of(world, device)
-    train.seed_everything(cfg.seed + world.rank, distributed.threads_per_process(cfg.threads, world))
-    train.keep_freed_memory()
-    train.configure_device(device, cfg)
-
-    x_np, y_np = data.load_split(args.data, "train")
-    if cfg.subset:
-        x_np, y_np = x_np[:cfg.subset], y_np[:cfg.subset]
-    x, y = train.to_tensors(x_np, y_np, device)
-    xt, yt = train.to_tensors(*data.load_split(args.data, "test"), device)
-
-    model = train.prepare(Net(model_cfg), device)
+    run = train.set_up(model_cfg, cfg, args.data)
+    device, world, model, x, y, xt, yt = run.device, run.world, run.model, run.x, run.y, run.xt, run.yt
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fingerprint = checkpoint.fingerprint(model_cfg, cfg, device.type, torch.get_num_threads(), len(x), world.size)
     training = train.Training.start(model, cfg, x, y, args.checkpoint, fingerprint, world)
@@ -84,6 +73,7 @@ def main(args: argparse.Namespace) -> None:
         "images_per_s": sum(speeds) / len(speeds),
         "train_seconds": time.perf_counter() - t0,
         "params": count_params(model),
+        "train_images": len(x),
         "device": device_name,
         **train.peak_memory(device),
     }

@@ -41,6 +41,20 @@ def _torch_threads():
     torch.set_num_threads(os.cpu_count() or 1)
 
 
+@pytest.fixture(autouse=True)
+def _the_fast_tier_starts_no_process(request, monkeypatch):
+    """A test not marked ``integration`` is in the fast tier (``pytest -m "not integration"``,
+    the edit loop): it may start no program. This keeps the marker honest: a test that starts
+    one fails here, with what to do, instead of slowing the loop down unnoticed."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args[0] if args else kwargs}): "
+                             "mark it @pytest.mark.integration")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
 def copy_repo(dest: Path) -> Path:
     """A fresh git repository holding this checkout's files (committed or not, minus ignored)."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -99,16 +113,13 @@ def served_model(raw_dir, tmp_path_factory) -> Path:
     browser and predict tests need; the full network would cost minutes.
     """
     from pipeline import export, train
-    from pipeline.model import ModelConfig, Net
+    from pipeline.model import ModelConfig
 
-    images, labels = data.load_split(raw_dir, "train")
-    cfg = train.TrainConfig(epochs=1, batch_size=64, lr=3e-3, seed=0)
-    train.seed_everything(cfg.seed, os.cpu_count() or 1)
-    dev = torch.device("cpu")
-    x, y = train.to_tensors(images[:12000], labels[:12000], dev)
-    model = train.prepare(Net(ModelConfig(channels=(16, 32), fc_units=128)), dev)
-    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(x), cfg.batch_size))
-    train.train_epoch(model, opt, sched, x, y, cfg, 0)
+    cfg = train.TrainConfig(epochs=1, batch_size=64, lr=3e-3, seed=0, subset=12000, device="cpu")
+    run = train.set_up(ModelConfig(channels=(16, 32), fc_units=128), cfg, raw_dir)  # as the train stage does
+    model = run.model
+    opt, sched = train.make_optimizer(model, cfg, train.steps_per_epoch(len(run.x), cfg.batch_size))
+    train.train_epoch(model, opt, sched, run.x, run.y, cfg, 0)
     path = tmp_path_factory.mktemp("served") / "model.onnx"
     export.export_onnx(model.eval(), path, export.ExportConfig())
     return path

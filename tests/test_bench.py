@@ -10,28 +10,29 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import bench, contract, runtime
+from pipeline import bench, contract, engines, runtime
 
 
 def test_row_stats_of_known_timings():
     rounds = bench.Rounds(batch=8, times=[[0.001] * 98 + [0.010, 0.020]])  # 100 calls of batch 8, one round
     s = bench.row_stats(rounds, bench.BenchConfig())
-    assert s["p50_ms"] == pytest.approx(1.0)
-    assert s["p90_ms"] == pytest.approx(1.0)
-    assert s["p99_ms"] == pytest.approx(10.1)  # linear between the 99th and 100th values
-    assert s["mean_ms"] == pytest.approx((98 * 1 + 10 + 20) / 100)
-    assert s["images_per_s"] == pytest.approx(800 / 0.128)
-    assert s["runs"] == 100 and s["rounds"] == 1
+    assert s.p50_ms == pytest.approx(1.0)
+    assert s.p90_ms == pytest.approx(1.0)
+    assert s.p99_ms == pytest.approx(10.1)  # linear between the 99th and 100th values
+    assert s.mean_ms == pytest.approx((98 * 1 + 10 + 20) / 100)
+    assert s.images_per_s == pytest.approx(800 / 0.128)
+    assert s.runs == 100 and s.rounds == 1
     spread = bench.Rounds(batch=1, times=[[0.001], [0.001], [0.002], [0.001]])  # medians 1, 1, 2, 1 ms
     stats = bench.row_stats(spread, bench.BenchConfig(max_spread=0.15))
-    assert stats["p50_q25_ms"] == pytest.approx(1.0) and stats["p50_q75_ms"] == pytest.approx(1.25)
-    assert stats["spread"] == pytest.approx(0.25) and stats["stable"] is False
+    assert stats.p50_q25_ms == pytest.approx(1.0) and stats.p50_q75_ms == pytest.approx(1.25)
+    assert stats.spread == pytest.approx(0.25) and stats.stable is False
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     a = bench.Rounds(1, [[1.0], [2.0], [4.0], [1.0], [8.0]])
     b = bench.Rounds(1, [[2.0], [4.0], [8.0], [2.0], [16.0]])  # every round: a is half of b
-    assert bench.paired_ratio(a, b) == {"ratio": 0.5, "iqr": [0.5, 0.5], "rounds": 5}
+    r = bench.paired_ratio(a, b, "a_vs_b")
+    assert (r.name, r.value, r.iqr_low, r.iqr_high, r.rounds) == ("a_vs_b", 0.5, 0.5, 0.5, 5)
     # the blocks' medians (2 vs 4) agree here; with load on b's last rounds they would not
 
 
@@ -53,10 +54,11 @@ def test_rounds_alternate_rotate_and_obey_their_counts():
 FAST = bench.BenchConfig(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0.0, min_rounds=3, burst_ms=1.0)
 
 
+@pytest.mark.integration
 def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split):
     _, path = small_onnx
     x = contract.to_input(test_split[0][:4])
-    _, row = bench.ort_path(runtime.load_checked(path), "cuda", 4, x)
+    _, row = engines.ort_path(runtime.load_checked(path), "cuda", 4, x)
     if "CUDAExecutionProvider" in row["providers_used"].split(",")[0]:
         pytest.skip("this machine really runs CUDA")
     assert row["provider"] == "cpu" and row["path"] == "onnxruntime-cpu"
@@ -64,31 +66,33 @@ def test_cuda_request_is_never_labelled_cuda_without_cuda(small_onnx, test_split
     assert "running on CPUExecutionProvider" in row["note"]
 
 
+@pytest.mark.integration
 def test_cases_measure_what_they_say(small_onnx, test_split):
     model, path = small_onnx
     x = contract.to_input(test_split[0][:4])
     models = {"fp32": runtime.load_checked(path)}
     cfg = dataclasses.replace(FAST, threads=2, ratio_threads=1)
     torch.set_num_threads(3)
-    rows, rounds = bench.measure([("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")], models, model, x, cfg)
+    rows, rounds = engines.measure([("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")], models, model, x, cfg)
     assert torch.get_num_threads() == 3  # given back as it was
     # every batch size on the rows' threads, then the ratios' batch sizes per core
-    assert [(r["path"], r["threads"], r["batch"]) for r in rows] == [
+    assert [(r.path, r.threads, r.batch) for r in rows] == [
         ("onnxruntime-cpu", 2, 1), ("onnxruntime-cpu", 2, 4), ("pytorch-cpu", 2, 1), ("pytorch-cpu", 2, 4),
         ("onnxruntime-cpu", 1, 1), ("onnxruntime-cpu", 1, 4), ("pytorch-cpu", 1, 1), ("pytorch-cpu", 1, 4)]
-    assert bench.steps(cfg) == 4 and bench.steps(dataclasses.replace(cfg, ratio_threads=2)) == 2
+    assert engines.steps(cfg) == 4 and engines.steps(dataclasses.replace(cfg, ratio_threads=2)) == 2
     for row in rows:
-        assert row["runs"] >= 3 and row["rounds"] >= 3 and row["p50_ms"] <= row["p99_ms"]
-        assert row["p50_q25_ms"] <= row["p50_q75_ms"] and row["images_per_s"] > 0
+        assert row.runs >= 3 and row.rounds >= 3 and row.p50_ms <= row.p99_ms
+        assert row.p50_q25_ms <= row.p50_q75_ms and row.images_per_s > 0
     ratios = bench.ratios(rows, rounds, cfg)
-    assert ratios["ratio_threads"] == 1
-    assert ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_low"] <= ratios["ort_vs_torch_cpu_p50_ratio_b1"] \
-        <= ratios["ort_vs_torch_cpu_p50_ratio_b1_iqr_high"]
+    assert ratios.threads == 1
+    latency = ratios.get("ort_vs_torch_cpu_p50_ratio_b1")
+    assert latency is not None and latency.iqr_low <= latency.value <= latency.iqr_high
     per_core = bench.paired_ratio(rounds["onnxruntime-cpu", "fp32", 1, 1], rounds["pytorch-cpu", "fp32", 1, 1])
-    assert ratios["ort_vs_torch_cpu_p50_ratio_b1"] == per_core["ratio"]  # from the one-thread rounds
-    assert ratios["ort_vs_torch_cpu_throughput_ratio_b4"] > 0
+    assert latency.value == per_core.value  # from the one-thread rounds
+    assert ratios.get("ort_vs_torch_cpu_throughput_ratio_b4").value > 0
 
 
+@pytest.mark.integration
 def test_one_thread_sessions_run_on_one_thread(small_onnx, test_split):
     """The per-core rows are what they say: a one-thread onnxruntime session starts no worker
     thread (a two-thread one does: the check can fail), and runs on the calling thread."""
@@ -100,7 +104,7 @@ def test_one_thread_sessions_run_on_one_thread(small_onnx, test_split):
 
     def new_threads(threads: int) -> set[str]:
         before = set(bench.cpu_snapshot().threads or {})
-        call, _ = bench.ort_path(proto, "cpu", 4, x, threads=threads)
+        call, _ = engines.ort_path(proto, "cpu", 4, x, threads=threads)
         call()
         return set(bench.cpu_snapshot().threads or {}) - before
 
@@ -108,9 +112,10 @@ def test_one_thread_sessions_run_on_one_thread(small_onnx, test_split):
     assert len(new_threads(2)) == 1  # onnxruntime's pool: the calling thread and one worker
 
 
-def row(path, precision, batch, threads, spread=0.0, load=0.0, waited=0.0):
-    return {"path": path, "precision": precision, "batch": batch, "threads": threads, "spread": spread,
-            "outside_load": load, "contention": waited, "images_per_s": 1.0}
+def row(path, precision, batch, threads, spread=0.0, load=0.0, waited=0.0) -> bench.Row:
+    return bench.Row(p50_ms=1.0, p50_q25_ms=1.0, p50_q75_ms=1.0, p90_ms=1.0, p99_ms=1.0, mean_ms=1.0, images_per_s=1.0,
+                     runs=3, rounds=3, spread=spread, outside_load=load, contention=waited, stable=True, path=path,
+                     precision=precision, batch=batch, threads=threads)
 
 
 def test_a_ratio_is_flagged_when_a_row_it_compares_waited_for_a_cpu():
@@ -122,7 +127,7 @@ def test_a_ratio_is_flagged_when_a_row_it_compares_waited_for_a_cpu():
     def flags(**change):
         rows = [row(p, prec, b, t, **(change if (p, b, t) == ("pytorch-cpu", 1, 1) else {}))
                 for p, prec, b, t in timed]
-        out = bench.ratios(rows, timed, cfg)
+        out = bench.ratios(rows, timed, cfg).record()  # as the metrics file says it
         return out["ort_vs_torch_cpu_p50_ratio_b1_stable"], out["int8_vs_fp32_cpu_throughput_ratio_b256_stable"]
 
     assert flags() == (True, True)
@@ -131,7 +136,7 @@ def test_a_ratio_is_flagged_when_a_row_it_compares_waited_for_a_cpu():
     # other processes were busy, but ours never waited: a slowdown of both paths alike cancels in the ratio,
     # while the row's own numbers are flagged
     assert flags(load=0.5) == (True, True)
-    assert bench.row_stats(bench.Rounds(1, [[1.0]] * 3), cfg, 0.5, 0.0)["stable"] is False
+    assert bench.row_stats(bench.Rounds(1, [[1.0]] * 3), cfg, 0.5, 0.0).stable is False
     # where the kernel does not say how long our threads waited, outside load counts as waiting
     assert flags(load=0.5, waited=None) == (False, True)
 
@@ -148,19 +153,20 @@ def test_bad_bench_params_are_refused():
         parse(bench.BenchConfig, {"max_contention": 0}, "benchmark")
 
 
+@pytest.mark.integration
 def test_sweep_runs_each_batch_size_side_by_side(small_onnx, test_split):
     model, path = small_onnx
     x = contract.to_input(test_split[0][:4])
     models = {"fp32": runtime.load_checked(path)}
     cases = [("ort", "cpu", "fp32"), ("torch", "cpu", "fp32")]
     order = []
-    rows, rounds = bench.sweep(cases, models, model, x, FAST, order.append)
+    rows, rounds = engines.sweep(cases, models, model, x, FAST, order.append)
     # measured batch by batch, the cases of a batch size in interleaved rounds ...
     assert order == [1, 4]
     n = os.cpu_count()  # threads: 0 is one per core
     assert len(rounds["onnxruntime-cpu", "fp32", 1, n].times) == len(rounds["pytorch-cpu", "fp32", 1, n].times)
     # ... and reported case by case
-    assert [(r["path"], r["batch"]) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
+    assert [(r.path, r.batch) for r in rows] == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4),
                                                        ("pytorch-cpu", 1), ("pytorch-cpu", 4)]
 
 
@@ -213,6 +219,7 @@ SPIN = bench.BenchConfig(min_rounds=9, min_runs=20, min_seconds=1.0, burst_ms=40
                          retry_seconds=0.0)
 
 
+@pytest.mark.integration
 def test_paired_rounds_keep_the_ratio_when_load_lands_on_one_block():
     """A does half of B's work, so A/B is 0.5 on a quiet machine. Outside load arrives half-way
     through each measurement. Measured in blocks (today's way), it lands on B alone and the
@@ -220,7 +227,7 @@ def test_paired_rounds_keep_the_ratio_when_load_lands_on_one_block():
     the paired ratio stays put. Tolerance: 15% of the quiet ratio (a burst of load that starts
     mid-round touches one round's pair unevenly; the median over rounds absorbs it)."""
     a, b = (lambda: spin(200_000)), (lambda: spin(400_000))  # about 10 and 20 ms: longer than a time slice
-    quiet = bench.paired_ratio(*bench.interleave({"a": a, "b": b}, 1, SPIN).values())["ratio"]
+    quiet = bench.paired_ratio(*bench.interleave({"a": a, "b": b}, 1, SPIN).values()).value
     assert 0.35 < quiet < 0.65, quiet  # the work itself is in the ratio 1:2
 
     blocks = block_ratio(a, b, SPIN.min_seconds, load_during_b=True)
@@ -236,10 +243,11 @@ def test_paired_rounds_keep_the_ratio_when_load_lands_on_one_block():
             p.wait()
     paired = bench.paired_ratio(rounds["a"], rounds["b"])
     assert procs, "the load never started"
-    assert abs(paired["ratio"] - quiet) / quiet < 0.15, (paired, quiet, blocks)
+    assert abs(paired.value - quiet) / quiet < 0.15, (paired, quiet, blocks)
     assert abs(blocks - quiet) / quiet > 0.25, (blocks, quiet)  # what the block method published
 
 
+@pytest.mark.integration
 def test_a_row_whose_rounds_disagree_is_flagged_unstable():
     rng = np.random.default_rng(0)
     wild = lambda: spin(int(20_000 * rng.choice([1, 4])))  # noqa: E731 - each call 1x or 4x the work
@@ -249,11 +257,12 @@ def test_a_row_whose_rounds_disagree_is_flagged_unstable():
                             retry_seconds=0.5)
     rounds = bench.interleave({"wild": wild, "calm": calm}, 1, cfg)
     wild_row, calm_row = bench.row_stats(rounds["wild"], cfg), bench.row_stats(rounds["calm"], cfg)
-    assert wild_row["stable"] is False and wild_row["spread"] > cfg.max_spread, wild_row
-    assert wild_row["rounds"] > cfg.min_rounds  # re-measured within the budget before giving up
-    assert calm_row["p50_q25_ms"] <= calm_row["p50_q75_ms"]
+    assert wild_row.stable is False and wild_row.spread > cfg.max_spread, wild_row
+    assert wild_row.rounds > cfg.min_rounds  # re-measured within the budget before giving up
+    assert calm_row.p50_q25_ms <= calm_row.p50_q75_ms
 
 
+@pytest.mark.integration
 def test_steady_outside_load_is_measured_and_flags_the_rows():
     """A hog that runs the whole time leaves the rounds agreeing with each other (no spread),
     yet slows paths unequally; the share of CPU time other processes took is what shows it."""
@@ -271,7 +280,7 @@ def test_steady_outside_load_is_measured_and_flags_the_rows():
     # two busy processes per core want all of it; our own process holds a share too
     assert others > 0.3, others
     row = bench.row_stats(rounds["calm"], cfg, others)
-    assert row["outside_load"] == others and row["stable"] is False
+    assert row.outside_load == others and row.stable is False
 
 
 def test_outside_load_counts_only_other_processes_time(monkeypatch):
@@ -317,6 +326,7 @@ def waited_during(fn) -> float:
     return share
 
 
+@pytest.mark.integration
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core for the hog and one left free")
 def test_a_one_thread_path_beside_a_hog_never_waits_where_one_on_every_core_does():
     """Busy processes on all cores but one: a path on one thread has a core to itself and its

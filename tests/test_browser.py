@@ -13,6 +13,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from pipeline import digits, evaluate, runtime
 from tests.helpers import SpawnedServer
 
+pytestmark = pytest.mark.integration  # starts processes or servers, trains or exports
+
 
 @pytest.fixture(scope="module")
 def page(served_model, browser):

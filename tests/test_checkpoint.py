@@ -37,6 +37,7 @@ def run_driver(raw_dir, ckpt, out, kill_at_report: int | None = None) -> int:
     return proc.wait(timeout=300)
 
 
+@pytest.mark.integration
 def test_sigkill_at_random_points_then_resume_gives_identical_weights(raw_dir, tmp_path):
     assert run_driver(raw_dir, tmp_path / "none", tmp_path / "straight.pt") == 0
     ckpt = tmp_path / "ckpt" / "train.ckpt"

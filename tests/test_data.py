@@ -137,6 +137,7 @@ def server(mirror, tmp_path_factory):
 FAST = data.DownloadConfig(timeout_s=1.0, retries=1, backoff_s=0.01)
 
 
+@pytest.mark.integration
 def test_download_falls_through_bad_mirrors_to_a_good_one(server, tmp_path):
     url, _ = server
     bad = [f"{url}/{k}/" for k in ("missing", "corrupt", "truncated", "garbage", "error")]
@@ -146,6 +147,7 @@ def test_download_falls_through_bad_mirrors_to_a_good_one(server, tmp_path):
     assert all(data.file_ok(tmp_path / n, n) for n in data.FILES)
 
 
+@pytest.mark.integration
 def test_download_is_idempotent(server, tmp_path):
     url, hits = server
     data.download(tmp_path, (f"{url}/good/",), FAST)
@@ -154,6 +156,7 @@ def test_download_is_idempotent(server, tmp_path):
     assert len(hits) == before
 
 
+@pytest.mark.integration
 def test_all_mirrors_failing_names_each_and_leaves_no_file(server, tmp_path):
     url, _ = server
     mirrors = (f"{url}/missing/", f"{url}/corrupt/", f"{url}/truncated/", f"{url}/garbage/",
@@ -172,6 +175,7 @@ def test_all_mirrors_failing_names_each_and_leaves_no_file(server, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.integration
 def test_stalled_and_short_servers_are_abandoned_within_the_timeout(server, tmp_path):
     url, _ = server
     t0 = time.monotonic()
@@ -183,6 +187,7 @@ def test_stalled_and_short_servers_are_abandoned_within_the_timeout(server, tmp_
     assert f"{url}/short/: " in str(e.value)
 
 
+@pytest.mark.integration
 def test_a_good_file_is_never_replaced_by_a_bad_download(server, tmp_path):
     url, _ = server
     data.download(tmp_path, (f"{url}/good/",), FAST)
@@ -216,6 +221,7 @@ def silent_server():
     listener.close()
 
 
+@pytest.mark.integration
 def test_a_dripping_server_is_abandoned_at_the_deadline(server):
     """A byte every 0.3 s never trips a per-read socket timeout of 1 s: only a deadline for the
     whole file stops it (before: the download waited until the server hung up, 20 s here)."""
@@ -227,6 +233,7 @@ def test_a_dripping_server_is_abandoned_at_the_deadline(server):
     assert time.monotonic() - t0 < 4.0
 
 
+@pytest.mark.integration
 def test_a_dead_mirror_is_skipped_for_the_rest_of_the_run_and_said_so(silent_server, mirror, tmp_path):
     """A mirror that never answers costs its tries once, not once per file, and the user is
     told whom we wait on and what was skipped (before: 4 files x 2 tries x 1 s, in silence)."""
@@ -245,6 +252,7 @@ def test_a_dead_mirror_is_skipped_for_the_rest_of_the_run_and_said_so(silent_ser
     assert any(line.startswith(f"skipping {silent_server} for the rest of this run: ") for line in lines)
 
 
+@pytest.mark.integration
 def test_every_mirror_dead_names_the_skipped_ones(silent_server):
     cfg = data.DownloadConfig(timeout_s=0.5, retries=0)
     unreachable: dict[str, str] = {}

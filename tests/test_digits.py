@@ -58,6 +58,7 @@ def test_reframed_digits_sit_where_mnist_puts_them(test_split):
     assert np.abs(reframed - mnist).max() < 0.1, (reframed, mnist)
 
 
+@pytest.mark.integration
 def test_real_digits_through_pictures_keep_the_models_accuracy(served_model, test_split):
     """Dark on light, 4x upscaled PNGs of 2,000 test digits, through the whole picture path.
     Measured: 94.50% vs 94.55% direct on this fixture (93.05% before the centring fix).

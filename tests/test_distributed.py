@@ -22,7 +22,7 @@ import yaml
 
 from tests.helpers import REPO, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUTS = ("model.pt", "train.json", "train.csv", "run_id")
 ARGS = ["--data", "raw", "--model", "model.pt", "--metrics", "train.json", "--plots", "train.csv",
         "--run-id", "run_id", "--checkpoint", "train.ckpt"]

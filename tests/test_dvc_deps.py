@@ -30,9 +30,16 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def _runs(tree: ast.Module) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:``, which never run."""
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING" for stmt in node.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if id(n) not in skip]
+
+
 def imports_of(path: Path) -> set[Path]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runs(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:

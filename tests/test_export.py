@@ -11,6 +11,8 @@ import torch
 from pipeline import contract, export, runtime
 from pipeline.model import ModelConfig, Net
 
+pytestmark = pytest.mark.integration  # starts processes or servers, trains or exports
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration  # starts processes or servers, trains or exports
 
 
 def test_load_script_reports_latency_memory_attacks_and_fast_rejections(served_model, raw_dir, tmp_path):

@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import LOCAL_MIRROR, SMALL, small_repo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def dvc(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
     if args[:2] == ("exp", "run"):  # each experiment starts from the committed params

@@ -3,11 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tests.conftest import REPO
 
 
+@pytest.mark.integration
 def test_predict_reads_pictures_and_reports_bad_files(served_model, test_split, tmp_path):
     images, labels = test_split
     files = []
@@ -31,6 +33,7 @@ def test_predict_reads_pictures_and_reports_bad_files(served_model, test_split, 
     assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
 
 
+@pytest.mark.integration
 def test_an_endless_or_huge_file_is_refused_with_a_message(served_model, tmp_path):
     """/dev/zero was read until MemoryError and printed 'error: ' with nothing after it."""
     big = tmp_path / "big.png"

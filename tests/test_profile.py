@@ -34,6 +34,7 @@ def _profiled_steps(net: Net, batch: int) -> dict[str, float]:
     return profile.torch_profile(step, net, runs=2)
 
 
+@pytest.mark.integration
 def test_a_training_step_is_attributed_to_its_layers():
     rows = _profiled_steps(Net(SMALL), batch=16)
     for layer in ("conv1", "conv2", "fc1", "logits"):
@@ -42,6 +43,7 @@ def test_a_training_step_is_attributed_to_its_layers():
     assert rows.get("other", 0) < 0.5 * sum(rows.values())  # the layers, not "other", hold the time
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("graph_opt", ["basic", "all"])
 def test_onnxruntime_nodes_are_named_by_layer(tmp_path, graph_opt):
     """Whatever the optimiser makes of the graph (plain Conv + Relu at 'basic'; fused, NCHWc
@@ -74,6 +76,7 @@ def test_layers_are_found_by_order_not_by_node_name():
     assert names == {"Conv": "conv1", "relu_1_fused": "conv2", "q": "fc1", "mm": "logits"}
 
 
+@pytest.mark.integration
 def test_the_frequency_domain_conv2_is_attributed_to_conv2():
     net = Net()  # default widths: conv2 trains through pipeline.spectral
     assert type(net.features[5]).__name__ == "SpectralConv2d"

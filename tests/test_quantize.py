@@ -4,6 +4,8 @@ import pytest
 
 from pipeline import contract, data, evaluate, quantize, runtime
 
+pytestmark = pytest.mark.integration  # starts processes or servers, trains or exports
+
 
 def test_int8_model_keeps_accuracy(small_onnx, tmp_path, raw_dir, test_split):
     _, path = small_onnx

@@ -64,6 +64,7 @@ def alive(url: str) -> bool:
     return call(url, "GET", "/v2/health/live")[0] == 200
 
 
+@pytest.mark.integration
 def test_health_metadata_and_the_page(server, served_model):
     assert call(server.url, "GET", "/v2/health/live")[:2] == (200, {"live": True})
     assert call(server.url, "GET", "/v2/health/ready")[:2] == (200, {"ready": True})
@@ -79,6 +80,7 @@ def test_health_metadata_and_the_page(server, served_model):
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<canvas" in page["raw"]
 
 
+@pytest.mark.integration
 def test_the_server_process_never_loads_torch(server):
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "onnxruntime" in maps and "libtorch" not in maps
@@ -86,6 +88,7 @@ def test_the_server_process_never_loads_torch(server):
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
+@pytest.mark.integration
 def test_the_deployable_runs_outside_a_checkout_from_its_flags_or_a_params_file(served_model, test_split, tmp_path):
     """python -m serving, as the container image runs it: no params.yaml, no MLflow lookup."""
     (tmp_path / "serve.yaml").write_text("serve:\n  max_batch: 3\n")
@@ -99,6 +102,7 @@ def test_the_deployable_runs_outside_a_checkout_from_its_flags_or_a_params_file(
         assert "mlflow" not in Path(f"/proc/{s.proc.pid}/maps").read_text()
 
 
+@pytest.mark.integration
 def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_images(server, served_model, test_split):
     images, labels = test_split
     x = contract.to_input(images)
@@ -115,6 +119,7 @@ def test_accuracy_through_the_service_equals_direct_onnxruntime_on_all_test_imag
     assert np.abs(served - direct).max() < 1e-4
 
 
+@pytest.mark.integration
 def test_binary_tensor_extension_round_trip_matches_json(server, test_split):
     from benchmarks.load import infer_bodies, read_logits
     x = contract.to_input(test_split[0][:5])
@@ -136,6 +141,7 @@ def test_binary_tensor_extension_round_trip_matches_json(server, test_split):
     assert len(infer_bodies(None, 4, 2, binary=True)) == 2  # the load script's binary requests
 
 
+@pytest.mark.integration
 def test_digit_endpoint_reads_a_picture(server, test_split):
     images, labels = test_split
     status, r, _ = call(server.url, "POST", "/digit", png(255 - images[0]), {"Content-Type": "image/png"})
@@ -191,6 +197,7 @@ MALFORMED = {  # name: (method, path, body, headers, status)
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
 def test_each_malformed_request_gets_a_4xx_and_the_server_stays_up(server, case):
     method, path, body, headers, expected = MALFORMED[case]
@@ -201,6 +208,7 @@ def test_each_malformed_request_gets_a_4xx_and_the_server_stays_up(server, case)
     assert not any("internal error" in line for line in server.log)
 
 
+@pytest.mark.integration
 def test_body_over_the_limit_is_refused_before_it_is_read(server):
     # Announce 50 MB but send almost nothing: an answer that arrives anyway was given unread.
     t0 = time.perf_counter()
@@ -225,6 +233,7 @@ def _responses(answer: bytes) -> int:
     ("BREW /v2 HTTP/1.1\r\nHost: x\r\n\r\n", {b"405"}),
     ("GET /v2 HTTP/1.1\r\n" + "X-Pad: y\r\n" * 5000 + "\r\n", {b"400", b"431"}),
 ])
+@pytest.mark.integration
 def test_broken_http_gets_one_4xx(server, request_head, statuses):
     # '\u00b2' goes out as one byte, as isdigit() saw it; a 400 of ours keeps the connection: read 1 s
     answer = _raw(server.url, request_head.encode("latin-1"), read_timeout=1)
@@ -232,11 +241,13 @@ def test_broken_http_gets_one_4xx(server, request_head, statuses):
     assert alive(server.url)
 
 
+@pytest.mark.integration
 def test_http_0_9_gets_no_answer_without_a_status_line(server):
     answer = _raw(server.url, b"GET /\r\n\r\n")
     assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:100]  # never the page, bare
 
 
+@pytest.mark.integration
 def test_a_body_sent_with_a_get_is_not_taken_for_a_second_request(server):
     smuggled = b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n"
     answer = _raw(server.url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
@@ -244,12 +255,14 @@ def test_a_body_sent_with_a_get_is_not_taken_for_a_second_request(server):
     assert _responses(answer) == 1 and b"extensions" not in answer, answer
 
 
+@pytest.mark.integration
 def test_expect_100_continue_is_refused_before_the_body_when_too_large(server):
     answer = _raw(server.url, f"POST {INFER} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                               "Content-Length: 50000000\r\n\r\n".encode(), read_timeout=2)
     assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer, answer[:100]
 
 
+@pytest.mark.integration
 def test_slow_clients_never_cost_valid_requests_a_503(served_model):
     """100 slow-loris clients send a byte a second: 70 an infer request's body, 30 a header that
     never ends; meanwhile every valid request is answered 200 (the old server gave all 503s)."""
@@ -270,6 +283,7 @@ def test_slow_clients_never_cost_valid_requests_a_503(served_model):
         assert len(statuses) > 100 and set(statuses) == {200}, sorted(set(statuses))
 
 
+@pytest.mark.integration
 def test_a_body_that_stalls_gets_408_after_the_body_deadline(served_model):
     body = _one()
     with SpawnedServer(served_model, "--name", NAME, "--body-timeout-s", "1") as s:
@@ -285,6 +299,7 @@ def test_a_body_that_stalls_gets_408_after_the_body_deadline(served_model):
         assert call(s.url, "POST", INFER, body)[0] == 200
 
 
+@pytest.mark.integration
 def test_a_500_is_logged_with_its_traceback_without_verbose(served_model, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import pipeline.evaluate\n"
@@ -299,6 +314,7 @@ def test_a_500_is_logged_with_its_traceback_without_verbose(served_model, tmp_pa
     assert "internal error on POST /digit" in log and "Traceback" in log and "planted bug" in log
 
 
+@pytest.mark.integration
 def test_request_bodies_in_memory_stay_within_the_budget(served_model):
     """32 clients each upload a 4 MB body at once, against a 16 MB budget: the ones that do not
     fit are refused at once (503 memory; the server closes the connection, so a client still
@@ -330,6 +346,7 @@ def test_request_bodies_in_memory_stay_within_the_budget(served_model):
         assert peak - rss < 400, (rss, peak)  # 32 x 4 MB bodies = 128 MB if all were held
 
 
+@pytest.mark.integration
 def test_readiness_turns_true_only_after_the_warm_up_run(served_model, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(  # a model that takes 3 s to open
         "import time, pipeline.runtime\n_open = pipeline.runtime.open_session\n"
@@ -351,6 +368,7 @@ def test_readiness_turns_true_only_after_the_warm_up_run(served_model, tmp_path)
         assert re.search(r'^nv_inference_exec_count_total\{model="mnist",version="\w+"\} 2.0$', metrics, re.M)
 
 
+@pytest.mark.integration
 def test_a_slow_upload_holds_no_inference_place_and_overload_gets_fast_503s(served_model):
     head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     body = _one()
@@ -383,6 +401,7 @@ def test_a_slow_upload_holds_no_inference_place_and_overload_gets_fast_503s(serv
         assert f'mnist_rejected_requests_total{{reason="queue_full"}} {len(rejected)}.0' in metrics
 
 
+@pytest.mark.integration
 def test_graceful_shutdown_finishes_the_request_in_flight(served_model):
     body = _one()
     with SpawnedServer(served_model, "--name", NAME) as s:
@@ -443,6 +462,7 @@ def test_batcher_hands_an_error_to_every_request_of_the_batch():
     assert [str(r) for r in asyncio.run(main())] == ["onnxruntime failed"] * 3
 
 
+@pytest.mark.integration
 def test_tritonclient_speaks_to_the_service(server, served_model, test_split):
     """Triton's own HTTP client: health, metadata, and inference with JSON and with binary data."""
     import tritonclient.http as triton
@@ -466,6 +486,7 @@ def test_tritonclient_speaks_to_the_service(server, served_model, test_split):
         client.close()
 
 
+@pytest.mark.integration
 def test_metrics_count_requests_inferences_and_batches(served_model):
     with SpawnedServer(served_model, "--name", NAME) as s:
         for n in (1, 5):
@@ -493,6 +514,7 @@ def test_metrics_count_requests_inferences_and_batches(served_model):
     assert value(f"nv_inference_pending_request_count{{{labels}}}") == 0
 
 
+@pytest.mark.integration
 def test_a_taken_port_or_a_broken_model_is_a_one_line_error(server, served_model, tmp_path):
     port = server.url.rsplit(":", 1)[1]
     taken = subprocess.run([sys.executable, "-m", "commands.serve", "--model", str(served_model), "--port", port],

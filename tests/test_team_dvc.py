@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import small_repo
 from tests.helpers import SSHD, Sshd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUTS = ("data/raw/train-images-idx3-ubyte", "models/model.pt", "models/model.onnx", "models/model.int8.onnx")
 
 

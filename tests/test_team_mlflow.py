@@ -23,7 +23,7 @@ from tests.helpers import TeamServer
 from tests.test_pipeline_e2e import dvc
 from tests.test_tracking import assert_run_holds_everything_logged, sync, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "mnist-cnn-onnx"
 
 

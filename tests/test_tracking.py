@@ -21,7 +21,7 @@ import yaml
 from tests.conftest import REPO
 from tests.helpers import free_port, mlflow_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EPOCH_METRICS = ("loss", "train_acc", "test_acc", "test_loss", "images_per_s", "seconds")
 
 

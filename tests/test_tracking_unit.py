@@ -15,6 +15,8 @@ from tests.helpers import free_port
 from tracking import ops, spool, store
 from tracking.run import Tracker, note_opened_run, opened_run
 
+pytestmark = pytest.mark.integration  # MLflow in this process, on a sqlite store: it runs git and alembic
+
 
 @pytest.fixture
 def sqlite(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ def small_train(raw_dir):
     return x[:1024], y[:1024]
 
 
+@pytest.mark.integration
 def test_same_seed_gives_bit_identical_weights_on_cpu(small_train):
     cfg = train.TrainConfig(epochs=2, batch_size=64, seed=7)
     a, _ = fit(*small_train, cfg)
@@ -38,6 +39,7 @@ def test_same_seed_gives_bit_identical_weights_on_cpu(small_train):
     assert not torch.equal(a.fc1.weight, c.fc1.weight)
 
 
+@pytest.mark.integration
 def test_training_learns(small_train, test_split):
     cfg = train.TrainConfig(epochs=3, batch_size=64, lr=3e-3)
     model, history = fit(*small_train, cfg)
@@ -68,6 +70,7 @@ def test_cuda_request_without_cuda_is_a_clear_error():
     assert train.resolve_device("auto").type == "cpu"
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 def test_trains_on_cuda(small_train):
     if not torch.cuda.is_available():
@@ -97,6 +100,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_activations_are_not_page_faulted_in_again():
     def faults(mode: str) -> float:
@@ -107,6 +111,7 @@ def test_freed_activations_are_not_page_faulted_in_again():
     assert faults("keep") < 0.02 * pages
 
 
+@pytest.mark.integration
 def test_speed_after_a_resume_counts_the_same_span_as_its_time(raw_dir):
     """A resumed epoch counted only the images after the resume but divided by seconds that
     included the time before the kill (271 vs 287 images/s uninterrupted)."""

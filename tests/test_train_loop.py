@@ -1,7 +1,11 @@
 """The training-speed benchmark runs each loop in its own process, set up as that loop runs."""
 import sys
 
+import pytest
+
 from benchmarks import train_loop
+
+pytestmark = pytest.mark.integration  # starts processes or servers, trains or exports
 
 
 def test_each_loop_runs_in_a_fresh_process_and_ratios_are_printed(raw_dir, capsys, monkeypatch):

@@ -29,6 +29,7 @@ def model_config_pb2():
     return module
 
 
+@pytest.mark.integration
 def test_repository_layout_and_config_parse_with_tritons_definitions(served_model, model_config_pb2, tmp_path):
     cfg = triton.TritonConfig(max_batch_size=128, preferred_batch_sizes=(32, 128), max_queue_delay_us=250)
     config_path = triton.write_repository(served_model, tmp_path / "repo", "mnist", cfg,
@@ -58,6 +59,7 @@ def test_the_parser_used_above_is_strict(model_config_pb2):
         text_format.Parse('name: "m"\nmax_batch_sise: 8\n', model_config_pb2.ModelConfig())
 
 
+@pytest.mark.integration
 def test_a_model_with_a_fixed_batch_axis_is_refused(tmp_path):
     model = Net(ModelConfig(channels=(4, 8), fc_units=16)).eval()
     path = tmp_path / "fixed.onnx"

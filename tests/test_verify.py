@@ -30,6 +30,7 @@ def x(test_split):
     return contract.to_input(test_split[0][:3])
 
 
+@pytest.mark.integration
 def test_default_model_matches_the_tutorial_table(default_model, x):
     rows = verify.verify(default_model, ModelConfig().layers(), x)
     verify.check(rows)
@@ -44,6 +45,7 @@ def test_default_model_matches_the_tutorial_table(default_model, x):
     assert "3,274,634 / 3,274,634 | yes |" in table
 
 
+@pytest.mark.integration
 def test_an_altered_conv_padding_fails_and_names_the_layer(default_model, x):
     bad = onnx.ModelProto()
     bad.CopyFrom(default_model)
@@ -59,6 +61,7 @@ def test_an_altered_conv_padding_fails_and_names_the_layer(default_model, x):
     assert "conv1 (" not in msg
 
 
+@pytest.mark.integration
 def test_a_fixed_batch_axis_fails(default_model, x):
     fixed = onnx.ModelProto()
     fixed.CopyFrom(default_model)
@@ -67,12 +70,14 @@ def test_a_fixed_batch_axis_fails(default_model, x):
         verify.check(verify.verify(fixed, ModelConfig().layers(), x))
 
 
+@pytest.mark.integration
 def test_a_model_of_another_architecture_fails_against_the_params(tmp_path, x):
     other = exported(tmp_path, ModelConfig(channels=(16, 32), kernel=3))
     with pytest.raises(verify.VerifyError, match="conv1 .*51,264|conv1 .*predicted N x 32 x 28 x 28"):
         verify.check(verify.verify(other, ModelConfig().layers(), x))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cfg", [ModelConfig(channels=(16, 32), kernel=3), ModelConfig(padding="valid"),
                                  ModelConfig(kernel=4, channels=(8, 8))])
 def test_non_default_architectures_verify(tmp_path, x, cfg):
@@ -122,6 +127,7 @@ def torch_conv_pool_shape(w, f, s, p, pool, pool_s) -> tuple[int, ...]:
     return tuple(y.shape)
 
 
+@pytest.mark.integration  # 500 onnxruntime sessions: a minute of the fast tier's budget
 @settings(max_examples=500, deadline=None)
 @given(layer, st.integers(0, 3), st.integers(1, 3))
 def test_formula_matches_pytorch_and_onnxruntime(conv, pool, pool_s):
@@ -160,6 +166,7 @@ def test_param_counts_match_pytorch():
 # ------------------------------------------------------------- broken models must not pass
 
 
+@pytest.mark.integration
 def test_a_model_that_onnxruntime_cannot_run_fails(default_model, x):
     """A Gather after the logits with an index out of range: every layer before it is fine,
     but the model as deployed can't run (before: 'all 7 layers match', verify_ok true)."""
@@ -176,6 +183,7 @@ def test_a_model_that_onnxruntime_cannot_run_fails(default_model, x):
         verify.check(rows)
 
 
+@pytest.mark.integration
 def test_a_tampered_file_fails_the_stage_naming_the_layer_and_the_file_with_a_report(default_model, raw_dir,
                                                                                          tmp_path):
     """Pads of conv2 changed with the exporter's value_info kept (what a plain onnx edit
