@@ -24,7 +24,9 @@ the quiet machine's; the rows at every core are still measured, and flagged when
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 import time
 from collections.abc import Callable, Hashable
@@ -332,11 +334,19 @@ class Ratio:
     iqr_high: float
     rounds: int
     stable: bool
+    kind: str = ""  # what it compares, whatever the batch sizes: one of RATIO_KINDS
 
     def record(self) -> dict:
-        """As the metrics file holds it: ``<name>``, ``<name>_iqr_low``, ``_iqr_high``, ``_stable``."""
-        return {self.name: self.value, f"{self.name}_iqr_low": self.iqr_low, f"{self.name}_iqr_high": self.iqr_high,
-                f"{self.name}_stable": self.stable}
+        return dataclasses.asdict(self)
+
+
+# What each ratio compares (a Ratio's name also says at which batch size): readers ask by kind.
+RATIO_KINDS = {
+    "latency": "onnxruntime vs PyTorch, p50 latency at the smallest batch, per core (below 1: onnxruntime faster)",
+    "throughput": "onnxruntime vs PyTorch, throughput at batch 256, per core (above 1: onnxruntime faster)",
+    "int8": "INT8 vs FP32 onnxruntime, throughput at batch 256, per core (above 1: INT8 faster)",
+    "cuda": "onnxruntime CUDA vs PyTorch CUDA, throughput at the largest batch",
+}
 
 
 @dataclass(frozen=True)
@@ -349,14 +359,19 @@ class Ratios:
     best_images_per_s: float
 
     def record(self) -> dict:
-        out: dict = {"ratio_threads": self.threads}
-        for r in self.ratios:
-            out.update(r.record())
-        out["ort_cpu_fp32_best_images_per_s"] = self.best_images_per_s
-        return out
+        return {"ratio_threads": self.threads, "best_images_per_s": self.best_images_per_s,
+                "ratios": [r.record() for r in self.ratios]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Ratios:
+        return cls(record["ratio_threads"], tuple(Ratio(**r) for r in record["ratios"]), record["best_images_per_s"])
 
     def get(self, name: str) -> Ratio | None:
         return next((r for r in self.ratios if r.name == name), None)
+
+    def of(self, kind: str) -> Ratio | None:
+        """The ratio of one kind (RATIO_KINDS), if it was measured."""
+        return next((r for r in self.ratios if r.kind == kind), None)
 
 
 def paired_ratio(a: Rounds, b: Rounds, name: str = "") -> Ratio:
@@ -386,23 +401,48 @@ def ratios(rows: list[Row], rounds: dict[RoundsKey, Rounds], cfg: BenchConfig) -
     per_core, every = cfg.resolved_threads(cfg.ratio_threads), cfg.resolved_threads(cfg.threads)
     # name: (numerator rounds, denominator rounds); a throughput ratio is the inverse time ratio
     pairs = {
-        f"ort_vs_torch_cpu_p50_ratio_b{small}": (("onnxruntime-cpu", "fp32", small, per_core),
-                                                 ("pytorch-cpu", "fp32", small, per_core)),
-        f"ort_vs_torch_cpu_throughput_ratio_b{big}": (("pytorch-cpu", "fp32", big, per_core),
-                                                      ("onnxruntime-cpu", "fp32", big, per_core)),
-        f"int8_vs_fp32_cpu_throughput_ratio_b{big}": (("onnxruntime-cpu", "fp32", big, per_core),
-                                                      ("onnxruntime-cpu", "int8", big, per_core)),
-        f"ort_vs_torch_cuda_throughput_ratio_b{top}": (("pytorch-cuda", "fp32", top, every),
-                                                       ("onnxruntime-cuda", "fp32", top, every)),
+        ("latency", f"ort_vs_torch_cpu_p50_ratio_b{small}"): (("onnxruntime-cpu", "fp32", small, per_core),
+                                                              ("pytorch-cpu", "fp32", small, per_core)),
+        ("throughput", f"ort_vs_torch_cpu_throughput_ratio_b{big}"): (("pytorch-cpu", "fp32", big, per_core),
+                                                                      ("onnxruntime-cpu", "fp32", big, per_core)),
+        ("int8", f"int8_vs_fp32_cpu_throughput_ratio_b{big}"): (("onnxruntime-cpu", "fp32", big, per_core),
+                                                               ("onnxruntime-cpu", "int8", big, per_core)),
+        ("cuda", f"ort_vs_torch_cuda_throughput_ratio_b{top}"): (("pytorch-cuda", "fp32", top, every),
+                                                                 ("onnxruntime-cuda", "fp32", top, every)),
     }
     ok = {(r.path, r.precision, r.batch, r.threads): pairable(r, cfg) for r in rows}
     found = []
-    for name, (a, b) in pairs.items():
+    for (kind, name), (a, b) in pairs.items():
         if a in rounds and b in rounds:
-            found.append(dataclasses.replace(paired_ratio(rounds[a], rounds[b], name), stable=ok[a] and ok[b]))
+            found.append(dataclasses.replace(paired_ratio(rounds[a], rounds[b], name), stable=ok[a] and ok[b],
+                                             kind=kind))
     best = max((r.images_per_s for r in rows if r.path == "onnxruntime-cpu" and r.precision == "fp32"
                 and r.threads == every), default=0.0)
     return Ratios(per_core, tuple(found), best)
+
+
+def table_csv(rows: list[Row]) -> str:
+    """Every row, as plots/benchmark.csv holds it (floats to 4 decimals)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, Row.COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.record().items()} for r in rows)
+    return out.getvalue()
+
+
+def throughput_csv(rows: list[Row]) -> str:
+    """Images/s by batch size, one column per path and precision, on every core: the DVC plot that
+    ``dvc plots diff`` overlays across revisions (the per-core rows are the ratios' business)."""
+    every = max(r.threads for r in rows)
+    mine = [r for r in rows if r.threads == every]
+    columns = sorted({f"{r.path}_{r.precision}" for r in mine})
+    by = {(r.batch, f"{r.path}_{r.precision}"): r.images_per_s for r in mine}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["batch", *columns])
+    for batch in sorted({r.batch for r in mine}):
+        writer.writerow([batch, *(round(by[batch, c]) if (batch, c) in by else "" for c in columns)])
+    return out.getvalue()
 
 
 def table(rows: list[Row]) -> str:

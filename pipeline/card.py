@@ -106,7 +106,7 @@ def render(c: CardInputs) -> str:
         "",
         f"- Test accuracy (onnxruntime, the deployed file): **{ev['accuracy']:.2%}** "
         f"({ev['errors']} errors in {ev['images']:,}); test loss {ev['loss']:.4f}.",
-        f"- INT8 model (`model.int8.onnx`): {q['int8_accuracy']:.2%}, "
+        f"- INT8 model (`model.int8.onnx`): {q['int8']['accuracy']:.2%}, "
         f"{q['int8_accuracy_delta'] * 100:+.2f} points against FP32.",
         "",
         "| digit | test images | accuracy |",
@@ -119,7 +119,7 @@ def render(c: CardInputs) -> str:
         "",
     ]
     row = _latency_row(b)
-    best = b.get("ort_cpu_fp32_best_images_per_s")
+    best = b.get("best_images_per_s")
     if row is not None and best is not None:
         lines += [f"On {hw.get('cpu', 'the benchmark CPU')} ({hw.get('cores', '?')} cores), onnxruntime on the CPU: "
                   f"{row.p50_ms:.2f} ms per single image (p50){_flag(row)}, up to {best:,.0f} images/s in batches. "

@@ -3,8 +3,6 @@ measured in interleaved rounds so that the ratios stay honest on a busy machine.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,14 +40,11 @@ def main(args: argparse.Namespace) -> None:
         if state != "ran":
             print(f"benchmark: {name.removesuffix('_status')} was asked for but is not usable here: "
                   f"{state.removeprefix('unavailable: ')}; measured on CPU only", flush=True)
-    summary = {"hardware": hw, "machine_before": before, "machine_after": after, **status, **ratios.record()}
-
-    out = io.StringIO()
-    writer = csv.DictWriter(out, bench.Row.COLUMNS)
-    writer.writeheader()
-    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.record().items()} for r in rows)
-    atomic.write_text(args.plots, out.getvalue())
-    atomic.write_json(args.metrics, {**summary, "rows": [r.record() for r in rows]})
+    report = {"hardware": hw, "machine_before": before, "machine_after": after, "status": status, **ratios.record(),
+              "rows": [r.record() for r in rows]}
+    atomic.write_json(args.report, report)
+    atomic.write_text(args.plots, bench.table_csv(rows))
+    atomic.write_text(args.throughput, bench.throughput_csv(rows))
     gpu = f", {hw['gpu']}" if "gpu" in hw else ""
     waits = [r.contention for r in rows if r.contention is not None]
     load = (f"other processes' CPU share up to {max(r.outside_load for r in rows):.0%}"
@@ -59,23 +54,14 @@ def main(args: argparse.Namespace) -> None:
                             f"{hw['onnxruntime']}, torch {hw['torch']}; {load}; {unstable} unstable of {len(rows)}",
                             ratios)
 
-    tracker = Tracker.resume(args.run_id)
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    tracker.log_metrics({f"{when}_{k}": v for when, state in (("machine_before", before), ("machine_after", after))
-                         for k, v in state.items()})
-    figures_logged = ("p50_ms", "p50_q25_ms", "p50_q75_ms", "images_per_s", "spread", "outside_load", "contention",
-                      "stable")
-    tracker.log_metrics({r.key(k): getattr(r, k) for r in rows for k in figures_logged if getattr(r, k) is not None})
-    for path in (args.chart, args.plots):
+    tracker = Tracker.resume(args.run_id)  # the table is an artifact; its headline, the summary stage's metrics
+    for path in (args.chart, args.plots, args.report):
         tracker.log_artifact(path, "benchmark")
-    # The last stage records dvc.lock as DVC has written it so far: the hashes of the data,
-    # params, code and models every earlier stage of this run used (DVC adds this stage's own
-    # entry after it ends).
-    tracker.log_artifact(args.lock, "dvc")
+    tracker.finish()
     print(bench.table(rows))
-    for k, v in summary.items():
-        if not isinstance(v, dict):
-            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    for q in ratios.ratios:
+        print(f"{q.name}: {q.value:.3f} (IQR {q.iqr_low:.3f}-{q.iqr_high:.3f}){'' if q.stable else ' UNSTABLE'}")
+    print(f"best onnxruntime FP32 throughput: {ratios.best_images_per_s:,.0f} images/s")
 
 
 if __name__ == "__main__":
@@ -85,8 +71,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, required=True, help="folder of the IDX files")
     parser.add_argument("--run-id", type=Path, required=True, help="file holding the MLflow run id")
     parser.add_argument("--int8", type=Path, required=True, help="the INT8 model (quantize stage)")
-    parser.add_argument("--metrics", type=Path, required=True, help="out: results (JSON)")
-    parser.add_argument("--plots", type=Path, required=True, help="out: results (CSV, DVC plot)")
-    parser.add_argument("--lock", type=Path, required=True, help="dvc.lock, logged to the MLflow run")
+    parser.add_argument("--report", type=Path, required=True, help="out: every row, the ratios, the machine (JSON)")
+    parser.add_argument("--plots", type=Path, required=True, help="out: every row (CSV)")
+    parser.add_argument("--throughput", type=Path, required=True, help="out: images/s by batch size and path "
+                                                                       "(CSV, a DVC plot)")
     parser.add_argument("--chart", type=Path, required=True, help="out: latency/throughput chart (PNG)")
     _cli.run(main, parser)

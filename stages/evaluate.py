@@ -7,13 +7,15 @@ from pathlib import Path
 
 from pipeline import atomic, data, evaluate, figures, runtime
 from stages import _cli
+from tracking import datasets
 from tracking.run import Tracker
 
 
 def main(args: argparse.Namespace) -> None:
     cfg = _cli.section(evaluate.EvaluateConfig, "evaluate")
     images, labels = data.load_split(args.data, "test")
-    session = runtime.open_session(runtime.load_checked(args.model), "cpu")
+    model = runtime.load_checked(args.model)
+    session = runtime.open_session(model, "cpu")
     logits = evaluate.predict_logits(session, images, cfg.batch_size)
     report = {**evaluate.accuracy_report(labels, logits), "provider": session.label}
     predicted = logits.argmax(1)
@@ -29,10 +31,12 @@ def main(args: argparse.Namespace) -> None:
                                cfg.misclassified_shown)
 
     tracker = Tracker.resume(args.run_id)
-    tracker.log_metrics({f"eval_{k}": v for k, v in report.items() if k != "provider"})
+    test_set = datasets.mnist("test", runtime.metadata(model)["data_md5"])  # the bytes the model was made from
+    tracker.log_metrics(evaluate.model_metrics(report), model="fp32", dataset=test_set)
     tracker.tag_model_versions({"eval_accuracy": report["accuracy"], "eval_errors": report["errors"]})
-    for path in (args.confusion_png, args.misclassified):
+    for path in (args.confusion_png, args.misclassified, args.metrics):
         tracker.log_artifact(path, "evaluate")
+    tracker.finish()
     print(f"onnxruntime ({session.label}) test accuracy {report['accuracy']:.4f} "
           f"({report['errors']} errors in {report['images']:,} images)")
 

@@ -9,6 +9,7 @@ from pipeline import atomic, contract, data, export, runtime
 from pipeline.contract import RegistryConfig
 from pipeline.model import ModelConfig, Net
 from stages import _cli
+from tracking import datasets
 from tracking.provenance import model_provenance, package_version
 from tracking.run import Tracker
 
@@ -33,11 +34,15 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_json(args.metrics, report)
 
     tracker = Tracker.resume(args.run_id)
-    tracker.log_metrics({k: v for k, v in report.items() if k.startswith("parity_") or k == "onnx_bytes"})
     example = x[:2]
-    tracker.log_onnx_model(args.out, example, session.run(example), registry.model_name,  # sha256: the
-                           {**{k: v for k, v in report.items() if k.startswith("parity_")},  # file's identity
-                            "sha256": runtime.sha256(args.out)})
+    parity = {k: v for k, v in report.items() if k.startswith("parity_")}
+    tracker.log_onnx_model(args.out, example, session.run(example), "fp32", registry.model_name,
+                           {**parity, "sha256": runtime.sha256(args.out)})  # sha256: the file's identity
+    test_set = datasets.mnist("test", provenance["data_md5"])  # parity is measured on its first images
+    tracker.log_metrics({k: parity[k] for k in ("parity_max_abs_diff", "parity_argmax_agreement")}, model="fp32",
+                        dataset=test_set)
+    tracker.log_artifact(args.metrics, "export")
+    tracker.finish()
     print(f"{args.out}: {report['onnx_bytes'] / 1e6:.1f} MB, opset {cfg.opset}; onnxruntime vs PyTorch "
           f"on {len(x)} test images: max |diff| {report['parity_max_abs_diff']:.2e}, "
           f"argmax agreement {report['parity_argmax_agreement']:.2%}")

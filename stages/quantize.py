@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline import atomic, contract, data, evaluate, quantize, runtime
 from stages import _cli
+from tracking import datasets
 from tracking.run import Tracker
 
 
@@ -18,18 +19,22 @@ def main(args: argparse.Namespace) -> None:
     models["int8"] = runtime.load_checked(args.out)
     test_x, test_y = data.load_split(args.data, "test")
     print(f"quantize: test accuracy of both models on {len(test_x):,} digits ...", flush=True)
-    accuracy = {}
-    for name, proto in models.items():
-        session = runtime.open_session(proto, "cpu")
-        logits = evaluate.predict_logits(session, test_x, 1000)
-        accuracy[name] = evaluate.accuracy_report(test_y, logits)["accuracy"]
-    report = {"fp32_accuracy": accuracy["fp32"], "int8_accuracy": accuracy["int8"],
-              "int8_accuracy_delta": accuracy["int8"] - accuracy["fp32"],
+    sessions = {name: runtime.open_session(proto, "cpu") for name, proto in models.items()}
+    results = {name: evaluate.accuracy_report(test_y, evaluate.predict_logits(s, test_x, 1000))
+               for name, s in sessions.items()}
+    report = {**results, "int8_accuracy_delta": results["int8"]["accuracy"] - results["fp32"]["accuracy"],
               "calibration_images": cfg.calibration_images, "int8_onnx_bytes": args.out.stat().st_size}
     atomic.write_json(args.metrics, report)
-    Tracker.resume(args.run_id).log_metrics({k: v for k, v in report.items() if k != "calibration_images"})
-    print(f"{args.out}: {report['int8_onnx_bytes'] / 1e6:.1f} MB; test accuracy INT8 {accuracy['int8']:.4f} "
-          f"vs FP32 {accuracy['fp32']:.4f} ({report['int8_accuracy_delta'] * 100:+.2f} points)")
+
+    tracker = Tracker.resume(args.run_id)
+    example = contract.to_input(test_x[:2])
+    tracker.log_onnx_model(args.out, example, sessions["int8"].run(example), name="int8")  # a model of its own
+    test_set = datasets.mnist("test", runtime.metadata(models["int8"])["data_md5"])
+    tracker.log_metrics(evaluate.model_metrics(results["int8"]), model="int8", dataset=test_set)
+    tracker.log_artifact(args.metrics, "quantize")
+    tracker.finish()
+    print(f"{args.out}: {report['int8_onnx_bytes'] / 1e6:.1f} MB; test accuracy INT8 {results['int8']['accuracy']:.4f} "
+          f"vs FP32 {results['fp32']['accuracy']:.4f} ({report['int8_accuracy_delta'] * 100:+.2f} points)")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, checkpoint, distributed, params, train
+from pipeline import atomic, checkpoint, distributed, headline, params, train
 from pipeline.model import ModelConfig, count_params
 from stages import _cli
-from tracking.provenance import git_tags, package_version
-from tracking.run import Tracker, summary_metrics, training_run
+from tracking import datasets
+from tracking.provenance import dvc_md5, git_tags, package_version, run_name
+from tracking.run import Tracker, training_run
 
 
 def main(args: argparse.Namespace) -> None:
@@ -40,12 +41,16 @@ def main(args: argparse.Namespace) -> None:
         print(f"resuming from {args.checkpoint}: epoch {training.epoch + 1}, step {training.step}")
     run_note = args.checkpoint.with_name(args.checkpoint.name + ".run")
     outputs = (args.model, args.metrics, args.plots, args.run_id)  # DVC deletes them before we run
+    training_params = {k: all_params.get(k) for k in ("model", "train")}
     tracker = Tracker(None) if not world.main else training_run(
-        training.meta.get("run_id"), run_note, fingerprint, os.environ.get("DVC_EXP_NAME"),
-        {**params.flatten({k: all_params.get(k) for k in ("model", "train")}), "train.world_size": world.size},
+        training.meta.get("run_id"), run_note, fingerprint, run_name(training_params, os.environ.get("DVC_EXP_NAME")),
+        {**params.flatten(training_params), "train.world_size": world.size},
         lambda: {**git_tags(exclude=outputs), "device": device_name, "torch": torch.__version__,
                  "onnxruntime": package_version("onnxruntime-gpu"), "stage": "train"})
-    opening_s = tracker.seconds  # importing MLflow, creating the run, its params
+    if world.main:
+        md5 = dvc_md5(args.data)  # the digest of both splits: the bytes dvc.lock names
+        tracker.log_inputs([(datasets.mnist(split, md5), context) for split, context in datasets.CONTEXTS.items()])
+    opening_s = tracker.seconds  # importing MLflow, creating the run, its params, the datasets
     training.meta["run_id"] = tracker.key
     if world.main:
         on = f"{device_name} x {world.size} processes" if world.size > 1 else device_name
@@ -84,7 +89,9 @@ def main(args: argparse.Namespace) -> None:
     atomic.write_text(args.run_id, f"{tracker.key}\n")
     args.checkpoint.unlink(missing_ok=True)  # every out is whole: the checkpoint is no longer needed
     run_note.unlink(missing_ok=True)
-    tracker.log_metrics(summary_metrics(summary))
+    tracker.log_metrics({f"train_{k}": v for k, v in headline.train_row(summary).items()})
+    tracker.log_artifact(args.metrics, "train")
+    tracker.finish()
     print(f"test accuracy {summary['test_acc']:.4f}, {summary['images_per_s']:.0f} images/s, "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB; logging to MLflow took {tracker.seconds:.2f} s "
           f"({opening_s:.2f} s opening the run)")

@@ -127,8 +127,8 @@ def test_a_ratio_is_flagged_when_a_row_it_compares_waited_for_a_cpu():
     def flags(**change):
         rows = [row(p, prec, b, t, **(change if (p, b, t) == ("pytorch-cpu", 1, 1) else {}))
                 for p, prec, b, t in timed]
-        out = bench.ratios(rows, timed, cfg).record()  # as the metrics file says it
-        return out["ort_vs_torch_cpu_p50_ratio_b1_stable"], out["int8_vs_fp32_cpu_throughput_ratio_b256_stable"]
+        out = bench.Ratios.from_record(bench.ratios(rows, timed, cfg).record())  # as the report holds it
+        return out.of("latency").stable, out.of("int8").stable  # type: ignore[union-attr]
 
     assert flags() == (True, True)
     assert flags(waited=0.2) == (False, True)  # its threads waited for a CPU: paths wait unalike

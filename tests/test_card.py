@@ -26,8 +26,8 @@ def inputs(**overrides) -> card.CardInputs:
         sha256="ab" * 32, onnx_bytes=13_100_000, architecture=ModelConfig().describe(),
         train={"params": 3_274_634, "device": "cpu", "images_per_s": 2107.1, "train_images": 60_000},
         evaluate={"accuracy": 0.9943, "errors": 57, "images": 10_000, "loss": 0.0179},
-        quantize={"int8_accuracy": 0.9941, "int8_accuracy_delta": -0.0002},
-        benchmark={"hardware": {"cpu": "AMD EPYC", "cores": "2"}, "ort_cpu_fp32_best_images_per_s": 9876.5,
+        quantize={"int8": {"accuracy": 0.9941}, "int8_accuracy_delta": -0.0002},
+        benchmark={"hardware": {"cpu": "AMD EPYC", "cores": "2"}, "best_images_per_s": 9876.5,
                    "rows": [latency_row().record()]},
         actual=actual, predicted=predicted,
         pictures={"confusion": "../plots/confusion.png", "misclassified": "../plots/misclassified.png"})
@@ -72,6 +72,6 @@ def test_a_latency_from_a_row_flagged_unstable_says_so():
     assert "unstable" not in card.render(inputs()).lower()
     shaky = latency_row(stable=False, spread=0.31, contention=0.4, outside_load=0.5)
     page = card.render(inputs(benchmark={"hardware": {"cpu": "AMD EPYC", "cores": "2"},
-                                         "ort_cpu_fp32_best_images_per_s": 9876.5, "rows": [shaky.record()]}))
+                                         "best_images_per_s": 9876.5, "rows": [shaky.record()]}))
     assert "0.34 ms per single image (p50) (**unstable**" in page
     assert "its threads waited 40% of their time for a CPU" in page and "do not compare it with a quiet run" in page

@@ -36,34 +36,47 @@ def repo(tmp_path_factory, mirror):
 
 
 def test_repro_runs_every_stage_and_writes_the_outs(repo):
+    from pipeline import headline
+
     root, _, out = repo
-    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "card"):
+    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "summary",
+                  "card"):
         assert f"Running stage '{stage}'" in out
-    train = json.loads((root / "metrics/train.json").read_text())
+    train = json.loads((root / "reports/train.json").read_text())
     assert train["params"] == (5 * 5 * 1 + 1) * 8 + (5 * 5 * 8 + 1) * 16 + (784 + 1) * 64 + (64 + 1) * 10
-    assert train["images_per_s"] > 0 and train["peak_rss_mb"] > 0
-    export = json.loads((root / "metrics/export.json").read_text())
+    assert train["images_per_s"] > 0 and train["peak_rss_mb"] > 0 and train["train_images"] == SMALL["train"]["subset"]
+    export = json.loads((root / "reports/export.json").read_text())
     assert export["parity_argmax_agreement"] == 1.0
-    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((root / "reports/evaluate.json").read_text())
     assert evaluation["images"] == 10_000 and evaluation["accuracy"] > 0.5  # chance is 0.1; 40 steps of a tiny net
     assert len((root / "plots/confusion.csv").read_text().splitlines()) == 10_001
     assert (root / "plots/misclassified.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "models/model.onnx").stat().st_size > 100_000
-    shapes = json.loads((root / "metrics/verify.json").read_text())
+    shapes = json.loads((root / "reports/verify.json").read_text())
     assert shapes["verify_ok"] and shapes["params_onnx"] == train["params"]
     assert "| conv2 | Conv | N x 16 x 14 x 14 | batch x 16 x 14 x 14 | N x 16 x 14 x 14 |" in (
         root / "reports/shapes.md").read_text()
-    bench = json.loads((root / "metrics/benchmark.json").read_text())
-    cuda = {("onnxruntime-cuda", "fp32", b) for b in (1, 16)} if bench["cuda_status"] == "ran" else set()
+    bench = json.loads((root / "reports/benchmark.json").read_text())
+    cuda = {("onnxruntime-cuda", "fp32", b) for b in (1, 16)} if bench["status"]["cuda_status"] == "ran" else set()
     assert {(r["path"], r["precision"], r["batch"]) for r in bench["rows"]} == {
         (p, q, b) for p, q in [("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8"), ("pytorch-cpu", "fp32")]
         for b in (1, 16)} | cuda
-    assert "ort_vs_torch_cpu_p50_ratio_b1" in bench and bench["hardware"]["cores"]
+    assert {r["kind"] for r in bench["ratios"]} >= {"latency", "throughput", "int8"} and bench["hardware"]["cores"]
+    assert "cpu_features" in bench["hardware"]
+    throughput = (root / "plots/throughput.csv").read_text().splitlines()
+    assert throughput[0] == "batch,onnxruntime-cpu_fp32,onnxruntime-cpu_int8,pytorch-cpu_fp32" and len(throughput) == 3
     for picture in ("conv1_filters", "feature_maps", "confusion", "benchmark"):
         assert (root / f"plots/{picture}.png").read_bytes()[:4] == b"\x89PNG"
     triton = root / "models/triton/mnist-cnn-onnx"
     assert (triton / "1/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
     assert 'backend: "onnxruntime"' in (triton / "config.pbtxt").read_text()
+    # the headline: every metric of pipeline/headline.py, with the stage reports' numbers
+    values = {row: json.loads((root / f"metrics/{row}.json").read_text()) for row in headline.ROWS}
+    assert {(row, k) for row, keys in values.items() for k in keys} == {(m.row, m.key) for m in headline.HEADLINE}
+    assert values["fp32"]["accuracy"] == round(evaluation["accuracy"], 4)
+    assert values["fp32"]["params"] == shapes["params_onnx"] and values["train"]["img_per_s"] == round(
+        train["images_per_s"])
+    assert all(line in out for line in headline.summary(values))  # the summary stage says it too
 
 
 def test_the_model_files_say_where_they_came_from(repo, tmp_path):
@@ -97,7 +110,7 @@ def test_the_model_files_say_where_they_came_from(repo, tmp_path):
     result = _stage(root, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                            "MLFLOW_SPOOL_DIR": str(tmp_path / "spool")},
                     "stages.export", "--weights", "models/model.pt", "--data", "data/raw",
-                    "--run-id", "models/mlflow_run_id", "--train-metrics", "metrics/train.json",
+                    "--run-id", "models/mlflow_run_id", "--train-metrics", "reports/train.json",
                     "--out", str(again), "--metrics", str(tmp_path / "export.json"))
     assert result.returncode == 0, result.stderr
     assert again.read_bytes() == (root / "models/model.onnx").read_bytes()
@@ -110,10 +123,12 @@ def test_the_model_card_says_what_the_metrics_say(repo):
 
     root, _, _ = repo
     page = (root / "reports/model_card.md").read_text()
-    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
-    quantized = json.loads((root / "metrics/quantize.json").read_text())
+    evaluation = json.loads((root / "reports/evaluate.json").read_text())
+    quantized = json.loads((root / "reports/quantize.json").read_text())
     assert f"**{evaluation['accuracy']:.2%}** ({evaluation['errors']} errors in 10,000)" in page
-    assert f"{quantized['int8_accuracy']:.2%}, {quantized['int8_accuracy_delta'] * 100:+.2f} points" in page
+    assert f"{quantized['int8']['accuracy']:.2%}, {quantized['int8_accuracy_delta'] * 100:+.2f} points" in page
+    assert "conv 5x5x8 -> max pool 2x2 -> conv 5x5x16 -> max pool 2x2 -> fc 64 -> dropout 0.5 -> fc 10" in page
+    assert f"{SMALL['train']['subset']:,} of the 60,000 training images" in page
     rows = list(csv.DictReader((root / "plots/confusion.csv").open()))
     sevens = [r for r in rows if r["actual"] == "7"]
     right = sum(r["predicted"] == "7" for r in sevens) / len(sevens)
@@ -167,15 +182,22 @@ def test_second_repro_runs_nothing(repo):
 
 
 def test_mlflow_run_holds_params_metrics_and_model(repo):
-    root, _, _ = repo
+    import mlflow
+
+    from pipeline import headline
+
+    root, env, _ = repo
     run_id = (root / "models/mlflow_run_id").read_text().strip()
-    db = sqlite3.connect(root / "mlflow.db")
-    keys = {k for (k,) in db.execute("select key from params where run_uuid=?", (run_id,))}
-    assert {"train.epochs", "model.channels", "train.lr"} <= keys
-    metrics = {k for (k,) in db.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
-    assert {"loss", "test_acc", "parity_max_abs_diff", "eval_accuracy"} <= metrics
-    tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)))
-    assert len(tags["git_commit"]) == 40
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    assert run.info.run_name == f"at {head.stdout.strip()}"  # no experiment, no changed param: the commit
+    assert run.info.status == "FINISHED"
+    assert {"train.epochs", "model.channels", "train.lr"} <= set(run.data.params)
+    assert {m.name for m in headline.HEADLINE} <= set(run.data.metrics)
+    assert {"loss", "test_acc", "accuracy", "parity_max_abs_diff"} <= set(run.data.metrics)
+    assert len(run.data.metrics) < 60 and not any(k.startswith(("bench_", "machine_")) for k in run.data.metrics)
+    assert len(run.data.tags["git_commit"]) == 40
 
 
 def _rest(base: str, path: str, body: dict | None = None) -> dict:
@@ -187,9 +209,17 @@ def _rest(base: str, path: str, body: dict | None = None) -> dict:
 
 
 ARCHITECTURES = {  # experiment name: (-S overrides, conv2's row in the shape report)
-    "arch-k3": (["model.channels=[16,32]", "model.kernel=3", "train.epochs=2"], "N x 32 x 14 x 14"),
+    "arch-wide": (["model.channels=[16,32]", "model.fc_units=256", "train.epochs=2"], "N x 32 x 14 x 14"),
     "arch-valid": (["model.padding=valid", "train.seed=1"], "N x 16 x 8 x 8"),  # 28 -> 24 -> 12 -> 8 (-> 4)
 }
+
+
+def exp_ref(root: Path, name: str) -> str:
+    """The git ref of a DVC experiment (refs/exps/.../<name>): its commit holds the experiment's outputs."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.split()
+    [ref] = [r for r in refs if r.endswith(f"/{name}")]
+    return ref
 
 
 def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, tmp_path):
@@ -200,9 +230,12 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
 
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from pipeline import headline
     from tests.helpers import free_port, mlflow_server
 
     root, env, _ = repo
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    [raw_md5] = [o["md5"] for o in lock["stages"]["download"]["outs"] if o["path"] == "data/raw"]
     subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=root, check=True)
     for name, (overrides, _) in ARCHITECTURES.items():
         args = [a for o in overrides for a in ("-S", o)]
@@ -214,6 +247,58 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
     shown = json.loads(dvc(root, "exp", "show", "--json", env=env).stdout)
     text = json.dumps(shown)
     assert all(name in text for name in ARCHITECTURES) and '"epochs": 2' in text.replace("'", '"')
+    exps = {name: {row: json.loads(subprocess.run(["git", "show", f"{exp_ref(root, name)}:metrics/{row}.json"],
+                                                  cwd=root, capture_output=True, text=True, check=True).stdout)
+                   for row in headline.ROWS} for name in ARCHITECTURES}
+
+    # dvc exp show: every headline column for both, and, 120 columns wide, their accuracy uncut
+    import csv
+    table = list(csv.DictReader(dvc(root, "exp", "show", "--csv", env=env).stdout.splitlines()))
+    for name, values in exps.items():
+        [line] = [r for r in table if r["Experiment"] == name]
+        for m in headline.HEADLINE:
+            cell = line.get(f"metrics/{m.row}.json:{m.key}", line.get(m.key))
+            assert cell is not None and cell != "", (name, m.name)
+        assert float(line["metrics/fp32.json:accuracy"]) == values["fp32"]["accuracy"]
+    narrow = dvc(root, "exp", "show", env={**env, "COLUMNS": "120"})
+    for name, values in exps.items():
+        [line] = [x for x in narrow.stdout.splitlines() if name in x]
+        assert str(values["fp32"]["accuracy"]) in line.split(), line
+    shown_metrics = dvc(root, "metrics", "show", env=env).stdout
+    assert max(len(x) for x in shown_metrics.splitlines()) <= 100, shown_metrics
+
+    # the model card of an experiment describes the network it trained, on the images it used
+    card = subprocess.run(["git", "show", f"{exp_ref(root, 'arch-wide')}:reports/model_card.md"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+    assert "conv 5x5x16 -> max pool 2x2 -> conv 5x5x32 -> max pool 2x2 -> fc 256 -> dropout 0.5 -> fc 10" in card
+    assert f"{SMALL['train']['subset']:,} of the 60,000 training images" in card
+
+    # the comparison report: every number is the metrics files' own
+    out = tmp_path / "report"
+    result = _stage(root, env, "commands.compare", *ARCHITECTURES, "--out", str(out / "report.md"), "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    report_md = (out / "report.md").read_text()
+    assert "| `model.fc_units` | 256 | 64 |" in report_md and "| `model.padding` | same | valid |" in report_md
+    a, b = ARCHITECTURES
+    for m in headline.HEADLINE:
+        row = next(x for x in report_md.splitlines() if x.startswith(f"| {m.row} {m.key}: "))
+        cells = [c.strip() for c in row.split("|")[2:4]]
+        assert cells == [m.show(exps[a][m.row].get(m.key)), m.show(exps[b][m.row].get(m.key))], (m.name, row)
+
+    # dvc plots diff, as the report draws it: both experiments in the training curve
+    page = out / "plots" / "index.html"
+    assert page.is_file() and all(name in page.read_text() for name in ARCHITECTURES)
+    browser.set_window_size(1400, 2400)
+    browser.get(page.as_uri())
+    from selenium.webdriver.support.ui import WebDriverWait as Wait
+    Wait(browser, 60).until(lambda d: len(d.find_elements("css selector", "canvas, svg")) >= 4)
+    time.sleep(2)
+    browser.save_screenshot(str(tmp_path / "dvc-plots-diff.png"))
+    legend = browser.find_element("tag name", "body").text
+    assert all(name in legend for name in ARCHITECTURES), legend[:2000]
+    if os.environ.get("SCREENSHOT_DIR"):
+        import shutil
+        shutil.copy(tmp_path / "dvc-plots-diff.png", os.environ["SCREENSHOT_DIR"])
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -228,8 +313,23 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
             run = by_name[name]
             run_id = run["info"]["run_id"]
             metrics = {m["key"] for m in run["data"]["metrics"]}
-            assert {"loss", "test_acc", "images_per_s", "peak_rss_mb", "parity_max_abs_diff", "verify_ok",
-                    "eval_accuracy", "ort_vs_torch_cpu_p50_ratio_b1"} <= metrics, name
+            assert {"loss", "test_acc", "images_per_s", "parity_max_abs_diff", "verify_ok", "accuracy",
+                    *(m.name for m in headline.HEADLINE)} <= metrics, name
+            assert len(metrics) < 60, sorted(metrics)  # the headline and the curves, not a table per metric
+            assert run["info"]["status"] == "FINISHED"
+            inputs = {d["dataset"]["name"]: d for d in run["inputs"]["dataset_inputs"]}
+            assert set(inputs) == {"mnist-train", "mnist-test"}
+            assert {inputs[n]["dataset"]["digest"] for n in inputs} == {raw_md5}  # DVC's hash of data/raw
+            assert {n: inputs[n]["tags"][0]["value"] for n in inputs} == {"mnist-train": "training",
+                                                                           "mnist-test": "evaluation"}
+            models = _rest(base, "/api/2.0/mlflow/logged-models/search", {
+                "experiment_ids": [exp["experiment_id"]], "filter": f"source_run_id = '{run_id}'"})["models"]
+            accuracy = {m["info"]["name"]: [x for x in m["data"]["metrics"] if x["key"] == "accuracy"] for m in models}
+            assert set(accuracy) == {"fp32", "int8"}
+            for [point] in accuracy.values():  # each model's accuracy, measured on the test set
+                assert point["dataset_name"] == "mnist-test" and point["dataset_digest"] == raw_md5
+            for model in ("fp32", "int8"):
+                assert round(accuracy[model][0]["value"], 4) == exps[name][model]["accuracy"]
             history = _rest(base, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=test_acc")
             assert len(history["metrics"]) == (2 if "train.epochs=2" in overrides else SMALL["train"]["epochs"])
             params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -246,13 +346,14 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
                 files = _rest(base, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path={folder}").get("files", [])
                 listed |= {f["path"] for f in files}
             assert {"verify/shapes.md", "evaluate/confusion.png", "evaluate/misclassified.png",
-                    "benchmark/benchmark.png", "dvc/dvc.lock"} <= listed, listed
+                    "benchmark/benchmark.png", "benchmark/benchmark.json", "benchmark/benchmark.csv",
+                    "dvc/dvc.lock"} <= listed, listed  # the benchmark table is an artifact
         alias = _rest(base, "/api/2.0/mlflow/registered-models/alias?name=mnist-cnn-onnx&alias=candidate")
         newest = max(by_name.values(), key=lambda r: int(r["info"]["start_time"]))
         version = alias["model_version"]
         assert version["aliases"] == ["candidate"] or "candidate" in version.get("aliases", [])
         assert version["run_id"] in {by_name[n]["info"]["run_id"] for n in ARCHITECTURES}
-        assert {t["key"] for t in version["tags"]} >= {"eval_accuracy", "parity_max_abs_diff"}
+        assert {t["key"] for t in version["tags"]} >= {"eval_accuracy", "parity_max_abs_diff", "sha256"}
         assert newest["info"]["run_id"]  # both ran; the alias is on one of them (the last to export)
 
         ids = [by_name[n]["info"]["run_id"] for n in ARCHITECTURES]
@@ -345,7 +446,7 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     name = "mnist-cnn-onnx"
     cand = client.get_model_version_by_alias(name, "candidate")
     acc = float(cand.tags["eval_accuracy"])
-    assert acc == client.get_run(cand.run_id).data.metrics["eval_accuracy"]  # the evaluate stage's number
+    assert acc == client.get_run(cand.run_id).data.metrics["accuracy"]  # the evaluate stage's number
     assert "parity_max_abs_diff" in cand.tags
 
     result = _stage(root, env, "commands.promote")
@@ -366,7 +467,11 @@ def test_registered_version_promotion_and_serving(repo, test_split):
 
     result = _stage(root, env, "commands.compare", "--last", "3")
     assert result.returncode == 0, result.stderr
-    assert "test acc" in result.stdout and cand.run_id[:8] in result.stdout
+    head, *lines = result.stdout.splitlines()
+    assert head.split()[:2] == ["run", "fp32_accuracy"] and lines
+    newest = client.get_run(cand.run_id)
+    assert f"{newest.data.metrics['fp32_accuracy']:.2%}" in result.stdout  # the onnxruntime column is filled
+    assert "fp32_latency" in head and f"{newest.data.metrics['fp32_latency']:.3f}x" in result.stdout
 
 
 def test_an_experiment_on_two_processes_just_works(repo):

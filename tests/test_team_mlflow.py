@@ -81,8 +81,8 @@ def test_repro_logs_one_run_with_metrics_model_and_proxied_artifacts(server, rep
     run_id = (root / "models/mlflow_run_id").read_text().strip()
     [run] = runs(server)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    assert {"loss", "test_acc", "parity_max_abs_diff", "verify_ok", "eval_accuracy",
-            "ort_vs_torch_cpu_p50_ratio_b1"} <= set(run.data.metrics)
+    assert {"loss", "test_acc", "parity_max_abs_diff", "verify_ok", "accuracy", "fp32_accuracy",
+            "fp32_latency"} <= set(run.data.metrics)
     assert run.data.params["train.epochs"] == "1"
     # proxied: the run's artifacts live in the server's folder, reached through HTTP only
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
@@ -126,7 +126,7 @@ def test_exp_run_and_two_queued_experiments_log_one_run_each(server, repo):
     assert {"seed-1", "queued-a", "queued-b"} <= set(by_name) and len(by_name) == 4  # one run per training
     for name in ("seed-1", "queued-a", "queued-b"):
         run = by_name[name]
-        assert run.info.status == "FINISHED" and {"loss", "eval_accuracy", "verify_ok"} <= set(run.data.metrics)
+        assert run.info.status == "FINISHED" and {"loss", "accuracy", "verify_ok"} <= set(run.data.metrics)
         assert run.data.tags["dvc_exp_name"] == name
     versions = client(server).search_model_versions(f"name='{MODEL}'")
     assert len(versions) == 4  # every export registered a version
@@ -168,7 +168,7 @@ def test_a_reader_reads_runs_and_cannot_create_runs_register_models_or_move_alia
         "log a metric": _call(server, "POST", "runs/log-metric", auth=reader, run_id=run_id, key="x", value=1.0,
                               timestamp=0, step=0),
         "register a version": _call(server, "POST", "model-versions/create", auth=reader, name=MODEL,
-                                    source=f"runs:/{run_id}/onnx-model", run_id=run_id),
+                                    source=f"runs:/{run_id}/fp32", run_id=run_id),
         "move an alias": _call(server, "POST", "registered-models/alias", auth=reader, name=MODEL,
                                alias="champion", version=other),
         "delete the model": _call(server, "DELETE", "registered-models/delete", auth=reader, name=MODEL),

@@ -160,7 +160,7 @@ def test_the_logged_model_asks_for_the_gpu_first_and_serves_on_what_there_is(sql
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
     y = runtime.open_session(runtime.load_checked(path)).run(x)
     t = Tracker.start(None, {}, {})
-    t.log_onnx_model(path, x, y, "unit-test-model")
+    t.log_onnx_model(path, x, y, registered_name="unit-test-model")
     version = store.client().get_model_version_by_alias("unit-test-model", registry.CANDIDATE)
     model = mlflow.pyfunc.load_model(f"models:/unit-test-model/{version.version}")
     assert model.metadata.flavors["onnx"]["providers"] == registry.PYFUNC_PROVIDERS
@@ -169,3 +169,43 @@ def test_the_logged_model_asks_for_the_gpu_first_and_serves_on_what_there_is(sql
         and torch.cuda.is_available() else "CPUExecutionProvider"
     assert wrapper.rt.get_providers()[0] == expected
     np.testing.assert_allclose(model.predict(x)["logits"], y, rtol=1e-5, atol=1e-6)
+
+
+def test_the_spool_replays_datasets_models_their_metrics_a_new_name_and_the_end(dead, tmp_path, monkeypatch):
+    """What the stages log for MLflow 3's model view, logged while the store is down: replay
+    makes the run with its two datasets, a model of its own, that model's metrics on the test
+    set, the name of the experiment that finished it, and FINISHED."""
+    import numpy as np
+    import torch
+
+    from pipeline import export, runtime
+    from pipeline.model import ModelConfig, Net
+    from tracking import datasets, registry
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(Net(ModelConfig(channels=(4, 8), fc_units=16)).eval(), path, export.ExportConfig())
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    md5 = "0123456789abcdef0123456789abcdef.dir"
+    test_set = datasets.mnist("test", md5)
+
+    t = Tracker.start("first-attempt", {}, {})
+    t.log_inputs([(datasets.mnist(split, md5), context) for split, context in datasets.CONTEXTS.items()])
+    t.log_onnx_model(path, x, runtime.open_session(runtime.load_checked(path)).run(x), name="int8")
+    t.log_metrics({"accuracy": 0.97, "errors": 300}, model="int8", dataset=test_set)
+    t.rename("exp-that-finished-it")
+    t.finish()
+    ops_spooled = [json.loads(line)["op"] for line in (store.spool_dir() / f"{t.key}.jsonl").read_text().splitlines()]
+    assert ops_spooled == ["create_run", "log_inputs", "log_onnx_model", "log_batch", "rename_run",
+                           "end_run"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store is back
+    done, complete = spool.replay(log=lambda line: None)
+    assert complete
+    client = store.client()
+    run = client.get_run(spool.ids()[t.key])
+    assert run.info.run_name == "exp-that-finished-it" and run.info.status == "FINISHED"
+    inputs = {d.dataset.name: (d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert inputs == {"mnist-train": (md5, "training"), "mnist-test": (md5, "evaluation")}
+    model = client.get_logged_model(registry.logged_model_id(client, run.info.run_id, "int8"))
+    metrics = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    assert metrics == {"accuracy": (0.97, "mnist-test", md5), "errors": (300.0, "mnist-test", md5)}

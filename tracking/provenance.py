@@ -82,3 +82,30 @@ def dvc_md5(path: os.PathLike | str) -> str:
 def params_md5(sections: dict) -> str:
     """MD5 of params sections as canonical JSON (keys sorted): the same values, the same hash."""
     return hashlib.md5(json.dumps(sections, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def run_name(params: dict, exp_name: str | None) -> str:
+    """A name a person recognises for a training's MLflow run: the DVC experiment's, else the
+    params that differ from the commit's (``epochs=6 lr=0.002``), else the commit (``at 15bf3c4``)."""
+    if exp_name:
+        return exp_name
+    import yaml
+    try:
+        committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], capture_output=True, text=True,
+                                                  timeout=10, check=True).stdout) or {}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return "uncommitted"
+    changed = changed_params(params, {k: committed.get(k) for k in params})
+    return " ".join(f"{k}={v}" for k, v in changed.items())[:200] if changed else f"at {commit}"
+
+
+def changed_params(params: dict, committed: dict) -> dict:
+    """{leaf key: value} of every param in ``params`` (sections of params.yaml) that differs from
+    ``committed``; a key is written as ``section.key`` where its leaf name alone is ambiguous."""
+    from pipeline.params import flatten
+    now, then = flatten(params), flatten({k: v for k, v in committed.items() if isinstance(v, dict)})
+    diff = {k: v for k, v in now.items() if then.get(k) != v}
+    leaves = [k.rsplit(".", 1)[-1] for k in now]
+    return {(k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k): v for k, v in diff.items()}

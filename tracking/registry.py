@@ -21,11 +21,12 @@ CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: newest export
 PYFUNC_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_name: str | None,
+def log_onnx_model(run_id: str, model_path: str, example_file: str, name: str, registered_name: str | None,
                    version_tags: dict[str, str]) -> None:
-    """Log the ONNX file to the run; with a registered name, a new version with the alias
+    """Log the ONNX file to the run as a model of its own (MLflow 3's LoggedModel, ``name``
+    within the run: ``fp32``, ``int8``); with a registered name, a new version with the alias
     ``candidate``. ``example_file`` holds the input example and the model's output on it
-    (the export stage computed both): the file is not loaded, checked or run again here."""
+    (the stage computed both): the file is not loaded, checked or run again here."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
@@ -37,7 +38,7 @@ def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_n
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = mlflow.onnx.log_model(
-            proto, name="onnx-model", signature=infer_signature(example, output), input_example=example,
+            proto, name=name, signature=infer_signature(example, output), input_example=example,
             save_as_external_data=False, onnx_execution_providers=PYFUNC_PROVIDERS,
             pip_requirements=[f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}", f"onnx=={onnx.__version__}",
                               "numpy"])
@@ -45,6 +46,17 @@ def log_onnx_model(run_id: str, model_path: str, example_file: str, registered_n
         registered = mlflow.register_model(info.model_uri, registered_name, tags=version_tags)
         mlflow.MlflowClient().set_registered_model_alias(registered_name, CANDIDATE, registered.version)
         print(f"registered {registered_name} version {registered.version} (alias '{CANDIDATE}')")
+
+
+def logged_model_id(mlflow_client: Any, run_id: str, name: str) -> str:
+    """The id of the model called ``name`` that ``run_id`` logged (the newest, if it logged it twice)."""
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    found = mlflow_client.search_logged_models(
+        [experiment], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+    if not found:
+        raise LookupError(f"run {run_id} has logged no model called {name!r}")
+    return found[0].model_id
 
 
 def identity(name: str, sha256: str) -> dict[str, str]:

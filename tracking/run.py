@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline import atomic
 from tracking import ops, spool, store
+from tracking.datasets import Dataset
 
 T = TypeVar("T")
 
@@ -92,18 +93,13 @@ def training_run(checkpoint_key: str | None, note: Path, fingerprint: str, run_n
     key = checkpoint_key or opened_run(note, fingerprint)
     if key:
         print(f"continuing MLflow run {key}, opened by a training that was killed")
-        return Tracker(key)  # an MLflow run id, or a pending one
+        tracker = Tracker(key)  # an MLflow run id, or a pending one
+        if run_name:
+            tracker.rename(run_name)  # the experiment that finishes the training names its run
+        return tracker
     tracker = Tracker.start(run_name, params, tags())
     note_opened_run(note, fingerprint, tracker.key)
     return tracker
-
-
-def summary_metrics(summary: dict) -> dict:
-    """A training's summary for MLflow. Its speed gets a key of its own (under ``images_per_s``,
-    steps 1..N, the dashboard showed the last epoch's rate); test accuracy and loss are the last
-    epoch's points already."""
-    out = {k: v for k, v in summary.items() if k not in ("test_acc", "test_loss", "images_per_s")}
-    return {**out, "mean_images_per_s": summary["images_per_s"]}
 
 
 class Tracker:
@@ -167,22 +163,45 @@ class Tracker:
         if params:
             self._do("log params", {"op": "log_batch", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
-    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0, model: str | None = None,
+                    dataset: Dataset | None = None) -> None:
+        """Metrics of the run; with ``model``, of the model of that name the run logged (``fp32``,
+        ``int8``), measured on ``dataset``: MLflow's model view and search_logged_models rank by them."""
         now = int(time.time() * 1000)
         rows = [[k, float(v), now, step] for k, v in metrics.items()  # a bool becomes 1.0 or 0.0
                 if isinstance(v, (int, float))]
         if rows:
-            self._do("log metrics", {"op": "log_batch", "metrics": rows})
+            op: dict[str, Any] = {"op": "log_batch", "metrics": rows}
+            if model:
+                op["logged_model"] = model  # by name: its id may not exist yet (a model logged from the spool)
+            if dataset:
+                op["dataset"] = {"name": dataset.name, "digest": dataset.digest}
+            self._do("log metrics", op)
+
+    def log_inputs(self, datasets: list[tuple[Dataset, str]]) -> None:
+        """The datasets the run read, each with its context (``training``, ``evaluation``)."""
+        self._do("log the datasets", {"op": "log_inputs", "datasets": [
+            {"name": d.name, "digest": d.digest, "source_type": d.source_type, "source": d.source, "context": context}
+            for d, context in datasets]})
+
+    def rename(self, name: str) -> None:
+        self._do("rename the run", {"op": "rename_run", "name": name})
+
+    def finish(self) -> None:
+        """Mark the run FINISHED: each stage does as it ends, so the run is finished whichever
+        stages ran (a later stage logs into it again, and finishes it again)."""
+        self._do("finish the run", {"op": "end_run", "status": "FINISHED", "end_time": int(time.time() * 1000)})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if Path(path).exists():
             self._do(f"log artifact {path}", {"op": "log_artifact", "file": str(Path(path).resolve()),
                                               "folder": folder})
 
-    def log_onnx_model(self, model_path: Path, example: np.ndarray, output: np.ndarray,
+    def log_onnx_model(self, model_path: Path, example: np.ndarray, output: np.ndarray, name: str = "fp32",
                        registered_name: str | None = None, version_tags: dict[str, Any] | None = None) -> None:
-        """The model file with its signature: ``example`` is an input and ``output`` what the
-        model gives for it (the caller has both; the model is not run again here)."""
+        """The model file as a model of the run called ``name``, with its signature: ``example``
+        is an input and ``output`` what the model gives for it (the caller has both; the model is
+        not run again here)."""
         if self.key is None:
             return
         with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
@@ -191,7 +210,7 @@ class Tracker:
         try:
             self._do("log the ONNX model", {
                 "op": "log_onnx_model", "model": str(Path(model_path).resolve()), "example": str(example_file),
-                "registered_name": registered_name,
+                "name": name, "registered_name": registered_name,
                 "version_tags": {k: str(v) for k, v in (version_tags or {}).items()}})
         finally:
             example_file.unlink(missing_ok=True)  # a spooled operation keeps its own copy
