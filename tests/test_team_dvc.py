@@ -48,11 +48,14 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-def add_remote(repo: Path, url: str, env: dict, name: str = "storage", key: Path | None = None) -> None:
-    """What the README tells a team to run (the key only in .dvc/config.local, never committed)."""
+def add_remote(repo: Path, url: str, env: dict, name: str = "storage", key: Path | None = None,
+               verify: bool = True) -> None:
+    """What docs/team.md tells a team to run (the key only in .dvc/config.local, never committed);
+    ``verify=False``: the remote as DVC makes it by default."""
     (repo / ".dvc" / "config.local").unlink(missing_ok=True)  # an earlier test's key
     dvc(repo, "remote", "add", "-d", "-f", name, url, env=env)
-    dvc(repo, "remote", "modify", name, "verify", "true", env=env)  # pull checks every object's hash
+    if verify:
+        dvc(repo, "remote", "modify", name, "verify", "true", env=env)  # pull checks every object's hash
     run(repo, "git", "commit", "-qm", f"DVC remote {name}", ".dvc/config", env=env)  # shared with the team
     if key is not None:
         dvc(repo, "remote", "modify", "--local", name, "keyfile", str(key), env=env)
@@ -81,6 +84,17 @@ def pusher(tmp_path_factory, mirror):
 def remote_objects(storage: Path) -> dict[str, bytes]:
     """{object path: bytes} of a DVC 3 remote (files/md5/xx/yyyy...)."""
     return {str(p.relative_to(storage)): p.read_bytes() for p in storage.rglob("*") if p.is_file()}
+
+
+def damage_remote_object(storage: Path, content: bytes) -> Path:
+    """Flip one byte in the middle of the remote's object holding ``content``; its path."""
+    md5 = hashlib.md5(content).hexdigest()
+    obj = storage / "files" / "md5" / md5[:2] / md5[2:]
+    damaged = bytearray(obj.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(damaged))
+    return obj
 
 
 def assert_remote_complete(storage: Path) -> None:
@@ -196,11 +210,7 @@ def test_a_corrupted_object_on_the_remote_is_refused_on_pull(pusher, tmp_path):
     add_remote(root, str(storage), env)
     dvc(root, "push", env=env)
     onnx_md5 = hashlib.md5((root / "models/model.onnx").read_bytes()).hexdigest()
-    obj = storage / "files" / "md5" / onnx_md5[:2] / onnx_md5[2:]
-    damaged = bytearray(obj.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    obj.chmod(0o644)
-    obj.write_bytes(bytes(damaged))
+    damage_remote_object(storage, (root / "models/model.onnx").read_bytes())
 
     teammate = clone(root, tmp_path / "teammate", env)
     failed = dvc(teammate, "pull", env=env, check=False)
@@ -213,3 +223,30 @@ def test_a_corrupted_object_on_the_remote_is_refused_on_pull(pusher, tmp_path):
     good = (root / "models/model.onnx").read_bytes()  # the pusher's own copy is not overwritten
     dvc(root, "pull", env=env, check=False)
     assert (root / "models/model.onnx").read_bytes() == good
+
+
+def test_a_damaged_object_pulled_without_verify_stops_training(pusher, tmp_path):
+    """A folder remote as DVC makes it (no ``verify``): a byte flipped in the remote's copy of the
+    training images reaches the teammate's data/raw, and DVC sees nothing wrong; the train stage
+    refuses the file, naming it and both hashes, before any training or MLflow run."""
+    from pipeline.data import FILES
+
+    root, env = pusher
+    storage = tmp_path / "storage"
+    add_remote(root, str(storage), env, verify=False)
+    dvc(root, "push", env=env)
+    name = "train-images-idx3-ubyte"
+    damage_remote_object(storage, (root / "data/raw" / name).read_bytes())
+
+    teammate = clone(root, tmp_path / "teammate", env)
+    dvc(teammate, "pull", env=env)  # rc 0
+    damaged = (teammate / "data/raw" / name).read_bytes()
+    assert damaged != (root / "data/raw" / name).read_bytes()
+    assert dvc(teammate, "status", env=env).stdout.strip().endswith("up to date.")  # DVC can't tell
+    failed = dvc(teammate, "repro", "--force", "--single-item", "train", env=env, check=False)
+    assert failed.returncode != 0
+    message = failed.stdout + failed.stderr
+    assert "Running stage 'train'" in message and "training " not in failed.stdout, message
+    [line] = [line for line in message.splitlines() if "is damaged" in line]
+    assert line.startswith("stages.train: error: data/raw/train-images-idx3-ubyte is damaged"), line
+    assert hashlib.sha256(damaged).hexdigest() in line and FILES[name] in line, line
