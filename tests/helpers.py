@@ -188,7 +188,11 @@ class TeamServer:
         self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TeamServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a server that did not start leaves nothing behind either
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -3,13 +3,15 @@ logins (python -m tracking.server, through scripts/mlflow_server.sh), on 127.0.0
 
 The whole pipeline logs there as it does to sqlite; a teammate elsewhere gets the champion's
 bytes through the server alone; the spool survives the server and the database going away;
-logins keep readers from writing.
+logins keep readers from writing; PostgreSQL keeps from MLflow's role and from its own
+account the admin password, the server's files and statement values in its log.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -74,6 +76,73 @@ def _no_login_left_behind(monkeypatch):
 def runs(server: TeamServer) -> list:
     c = client(server)
     return c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
+
+
+# --- what PostgreSQL keeps from MLflow's role and from its own account ----------------------
+
+def _postgres_processes(server: TeamServer) -> list:
+    import psutil
+    postmaster = psutil.Process(int((server.data / "postgres" / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def test_no_process_of_another_user_holds_the_admin_password(server):
+    """Neither the postgres account's processes (PostgreSQL) nor any other user's: their
+    /proc/<pid>/environ holds no password (MLflow's own processes, this user's, need it)."""
+    import psutil
+    postgres = {p.pid for p in _postgres_processes(server)}
+    assert len(postgres) > 1  # the postmaster and its workers
+    checked = set()
+    for p in psutil.process_iter():
+        try:
+            if p.uids().real == os.getuid() and p.pid not in postgres:
+                continue
+            environ = Path(f"/proc/{p.pid}/environ").read_bytes()
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+        assert server.password.encode() not in environ, (p.pid, p.name(), p.username())
+        checked.add(p.pid)
+    assert postgres <= checked
+
+
+def test_mlflows_database_role_owns_its_databases_and_cannot_read_files(server):
+    """MLflow connects as ``mlflow``: owner of its two databases, no superuser, so PostgreSQL's
+    file functions (which would read /proc/<pid>/environ, or any file of the postgres account)
+    are refused; and the superuser is not reachable from this (MLflow's) OS user."""
+    import psycopg2
+
+    from tracking.server import AUTH_DATABASE, DATABASE, DB_USER
+    socket = str(server.data / "run")
+    with psycopg2.connect(dbname=DATABASE, user=DB_USER, host=socket) as db, db.cursor() as sql:
+        sql.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+        assert sql.fetchone() == (False, False, False)
+        sql.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN (%s, %s)",
+                    (DATABASE, AUTH_DATABASE))
+        assert dict(sql.fetchall()) == {DATABASE: DB_USER, AUTH_DATABASE: DB_USER}
+        postmaster = _postgres_processes(server)[0].pid
+        for query in ("SELECT pg_read_file('/etc/hostname')",
+                      f"SELECT pg_read_binary_file('/proc/{postmaster}/environ')", "COPY (SELECT 1) TO PROGRAM 'true'"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                sql.execute(query)
+            db.rollback()
+    superuser = _postgres_processes(server)[0].username()
+    with pytest.raises(psycopg2.OperationalError, match="authentication failed"):
+        psycopg2.connect(dbname="postgres", user=superuser, host=socket).close()
+
+
+def test_postgres_log_is_0600_and_holds_no_statement_values(server):
+    """A failed INSERT of a user (a duplicate name) with its password hash: the error is logged,
+    not the statement, its values, nor the DETAIL that quotes the key."""
+    made = [_call(server, "POST", "users/create", auth=(server.ADMIN, server.password), username="victor",
+                  password=f"victor-password-{i}") for i in (1, 2)]
+    assert made[0].status_code == 200 and made[1].json()["error_code"] == "RESOURCE_ALREADY_EXISTS"
+    log = server.data / "postgres.log"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    text = log.read_text()
+    assert 'violates unique constraint "users_username_key"' in text  # the failure itself is there
+    for leak in ("STATEMENT:", "DETAIL:", "INSERT INTO", "victor", "scrypt:", "pbkdf2:"):
+        assert leak not in text, leak
+
 
 
 def test_repro_logs_one_run_with_metrics_model_and_proxied_artifacts(server, repo):

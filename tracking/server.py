@@ -6,8 +6,14 @@ Everything it keeps lives under ``--data``:
 
 - ``postgres/``: a PostgreSQL cluster made here on first start (``initdb``), reached only
   through a Unix socket in ``run/`` (no TCP port, no database password): the runs, the
-  model registry (database ``mlflow``) and the logins (database ``mlflow_auth``). Or give
-  ``--database-uri`` and ``--auth-database-uri`` to use a PostgreSQL server you run.
+  model registry (database ``mlflow``) and the logins (database ``mlflow_auth``). MLflow
+  connects as the role ``mlflow``, which owns those two databases and is no superuser (a
+  superuser can read any file the server can); only this command's OS user may log in as it
+  (peer authentication), and only the cluster's OS user as the superuser. PostgreSQL starts
+  with an environment of its own, holding none of ours (the admin password stays out of
+  ``/proc/<pid>/environ`` of the ``postgres`` account's processes), and its log
+  (``postgres.log``, 0600) records errors without the statements or values that caused them.
+  Or give ``--database-uri`` and ``--auth-database-uri`` to use a PostgreSQL server you run.
 - ``artifacts/``: the proxied artifact store. Clients upload and download through the
   server (``--serve-artifacts``); they need ``MLFLOW_TRACKING_URI`` and a login, nothing else.
 - ``basic_auth.ini`` and ``secret_key``: MLflow's basic-auth app settings (new users may
@@ -37,6 +43,13 @@ from pathlib import Path
 
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's own name for it
 DATABASE, AUTH_DATABASE, DB_USER = "mlflow", "mlflow_auth", "mlflow"
+HBA_MARK = "# tracking.server: Unix socket only"  # first line of the pg_hba.conf we write
+# PostgreSQL's logging: errors without the statement that failed (log_min_error_statement) nor
+# its DETAIL (terse: a unique violation's DETAIL quotes the key), no statements, no bind values.
+# Superuser-only settings: MLflow's role can't change them.
+QUIET_LOG = {"log_min_error_statement": "panic", "log_error_verbosity": "terse", "log_statement": "none",
+             "log_min_duration_statement": "-1", "log_parameter_max_length": "0",
+             "log_parameter_max_length_on_error": "0"}
 
 
 class ServerError(RuntimeError):
@@ -80,11 +93,23 @@ class Cluster:
             return list(cmd)
         return ["runuser", "-u", "postgres", "--", *cmd]
 
+    @staticmethod
+    def _env() -> dict[str, str]:
+        """PostgreSQL's environment: the path and the locale, none of our secrets. Whatever
+        it is started with can be read in ``/proc/<pid>/environ`` by its OS user, and through
+        SQL by any superuser role."""
+        return {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "TZ") or k.startswith("LC_")}
+
     def _run(self, *cmd: str) -> str:
-        result = subprocess.run(self._as_owner(*cmd), capture_output=True, text=True)
+        result = subprocess.run(self._as_owner(*cmd), capture_output=True, text=True, env=self._env())
         if result.returncode != 0:
             raise ServerError(f"{Path(cmd[0]).name} failed:\n{result.stdout}{result.stderr}")
         return result.stdout
+
+    def _sql(self, query: str) -> str:
+        """``query`` as the cluster's superuser (its OS user, by peer authentication)."""
+        return self._run(postgres_bin("psql"), "-h", str(self.socket_dir), "-d", "postgres", "-v",
+                         "ON_ERROR_STOP=1", "-tAc", query).strip()
 
     def _give_to_owner(self, *paths: Path) -> None:
         if os.geteuid() == 0:
@@ -96,32 +121,59 @@ class Cluster:
             for path in paths:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
 
+    def _write_owned(self, path: Path, text: str) -> None:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text)
+        self._give_to_owner(path)
+
+    def _write_auth_files(self) -> None:
+        """Who may log in as whom, by the OS user at the socket's other end (peer): this
+        command's user as ``mlflow`` (through the map ``mlflow``), the cluster's user as itself,
+        its superuser. No passwords, no TCP."""
+        self._write_owned(self.pgdata / "pg_hba.conf", f"{HBA_MARK}\n"
+                          f"local all {DB_USER} peer map={DB_USER}\nlocal all all peer\n")
+        self._write_owned(self.pgdata / "pg_ident.conf",
+                          f"{DB_USER} {pwd.getpwuid(os.geteuid()).pw_name} {DB_USER}\n")
+
+    def _legacy(self) -> bool:
+        """A cluster made by an earlier version: ``mlflow`` is its superuser, trusted on the socket."""
+        return not (self.pgdata / "pg_hba.conf").read_text().startswith(HBA_MARK)
+
     def start(self) -> None:
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
-        if not (self.pgdata / "PG_VERSION").is_file():
+        legacy = (self.pgdata / "PG_VERSION").is_file() and self._legacy()
+        if not legacy and not (self.pgdata / "PG_VERSION").is_file():
             log(f"creating a PostgreSQL cluster in {self.pgdata}")
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             self._give_to_owner(self.pgdata)
-            # trust on the socket only: its folder is ours alone (0700), and no TCP listener exists
-            self._run(postgres_bin("initdb"), "-D", str(self.pgdata), "-U", DB_USER, "-E", "UTF8",
-                      "--auth-local=trust", "--auth-host=reject")
+            # the superuser is named after the cluster's OS user (initdb's default)
+            self._run(postgres_bin("initdb"), "-D", str(self.pgdata), "-E", "UTF8",
+                      "--auth-local=peer", "--auth-host=reject")
+        if not legacy:
+            self._write_auth_files()  # also when another OS user starts the server now
         self._give_to_owner(self.socket_dir)
         log_file = self.data / "postgres.log"
-        log_file.touch()
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        log_file.chmod(0o600)  # also one made world-readable before
         self._give_to_owner(log_file)
+        settings = {"listen_addresses": "", "unix_socket_directories": str(self.socket_dir), **QUIET_LOG}
         self._run(postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60",
-                  "-o", f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}'", "start")
-        for database in (DATABASE, AUTH_DATABASE):
-            exists = self._run(postgres_bin("psql"), "-h", str(self.socket_dir), "-U", DB_USER, "-d", "postgres",
-                               "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
-            if not exists.strip():
-                self._run(postgres_bin("createdb"), "-h", str(self.socket_dir), "-U", DB_USER, database)
+                  "-o", " ".join(f"-c {k}='{v}'" for k, v in settings.items()), "start")
+        if legacy:
+            log(f"warning: {self.pgdata} was made by an earlier version, where MLflow connects as the "
+                f"superuser '{DB_USER}' (which can read the server's files): see docs/team.md")
+        else:
+            if not self._sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{DB_USER}'"):
+                self._sql(f"CREATE ROLE {DB_USER} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+            for database in (DATABASE, AUTH_DATABASE):
+                if not self._sql(f"SELECT 1 FROM pg_database WHERE datname = '{database}'"):
+                    self._run(postgres_bin("createdb"), "-h", str(self.socket_dir), "-O", DB_USER, database)
         log(f"PostgreSQL is up (socket in {self.socket_dir})")
 
     def stop(self) -> None:
         if (self.pgdata / "postmaster.pid").exists():
             subprocess.run(self._as_owner(postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
-                                          "stop"), capture_output=True)
+                                          "stop"), capture_output=True, env=self._env())
             log("PostgreSQL stopped")
 
     def restart(self) -> None:
