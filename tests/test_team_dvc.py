@@ -138,20 +138,31 @@ def test_a_teammate_pulls_and_repro_runs_nothing(kind, pusher, sshd, tmp_path):
     assert (third / "models/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
 
 
-def test_experiments_travel_through_a_git_remote(pusher, tmp_path):
+@pytest.fixture(scope="module")
+def shared_experiment(pusher, tmp_path_factory):
+    """The pusher's experiment ``shared-seed`` (train.seed=7), pushed to a git remote and a folder
+    DVC remote; the pusher's workspace is back at its commit after. The bare git remote."""
     root, env = pusher
-    storage = tmp_path / "storage"
-    add_remote(root, str(storage), env)
-    bare = tmp_path / "origin.git"
-    run(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(bare), env=env)
+    base = tmp_path_factory.mktemp("shared")
+    add_remote(root, str(base / "storage"), env)
+    bare = base / "origin.git"
+    run(base, "git", "init", "-q", "--bare", "--initial-branch=main", str(bare), env=env)
     run(root, "git", "remote", "add", "origin", str(bare), env=env)
     run(root, "git", "push", "-q", "origin", "HEAD:main", env=env)
     dvc(root, "exp", "run", "-n", "shared-seed", "-S", "train.seed=7", env=env)
     dvc(root, "exp", "push", "origin", "shared-seed", env=env)  # its commit to git, its outs to the remote
+    back_to_head(root, env)
+    return bare
+
+
+def back_to_head(root: Path, env: dict) -> None:
     run(root, "git", "checkout", "--", ".", env=env)
     dvc(root, "checkout", env=env)
 
-    teammate = clone(bare, tmp_path / "teammate", env)
+
+def test_experiments_travel_through_a_git_remote(pusher, shared_experiment, tmp_path):
+    _, env = pusher
+    teammate = clone(shared_experiment, tmp_path / "teammate", env)
     dvc(teammate, "exp", "pull", "origin", "shared-seed", env=env)
     shown = dvc(teammate, "exp", "show", "--no-pager", "--csv", env=env).stdout
     row = next(r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"] == "shared-seed")
@@ -159,6 +170,23 @@ def test_experiments_travel_through_a_git_remote(pusher, tmp_path):
     dvc(teammate, "exp", "apply", "shared-seed", env=env)
     dvc(teammate, "pull", env=env)  # the experiment's model, from the remote
     assert "Running stage" not in dvc(teammate, "repro", env=env).stdout
+
+
+def test_params_trained_before_are_restored_from_the_run_cache_without_training(pusher, shared_experiment):
+    """In the clone that trained them (its run-cache holds every out, the git-tracked metrics
+    too): ``dvc exp run`` with those params again takes the train stage from DVC's run-cache,
+    trains nothing and opens no MLflow run. (In another clone it trains again: docs/team.md.)"""
+    import sqlite3
+
+    root, env = pusher
+    runs = sqlite3.connect(root / "mlflow.db").execute("select count(*) from runs").fetchone()[0]
+    try:
+        again = dvc(root, "exp", "run", "-n", "again", "-S", "train.seed=7", "train", env=env)
+        assert "Stage 'train' is cached - skipping run" in again.stdout, again.stdout
+        assert "training " not in again.stdout  # what the train stage prints when it trains
+        assert sqlite3.connect(root / "mlflow.db").execute("select count(*) from runs").fetchone()[0] == runs
+    finally:
+        back_to_head(root, env)
 
 
 def test_an_unreachable_remote_fails_clearly_and_the_next_push_completes(pusher, sshd, tmp_path):
