@@ -86,10 +86,12 @@ def main(args: argparse.Namespace) -> None:
         sys.exit("compare: give two revisions or experiments (or none for this workspace's summary)")
     plots = None
     if args.html and not args.runs:
-        out = args.html / "plots"
+        out, template = args.html / "plots", args.html / "plots-template.html"
+        atomic.write_text(template, report.plots_template())
         revs = [r for r in args.revisions if r != WORKSPACE]  # one revision: DVC draws it beside the workspace
-        subprocess.run([sys.executable, "-m", "dvc", "plots", "diff", *revs, "-o", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "dvc", "plots", "diff", *revs, "-o", str(out), "--html-template",
+                        str(template)], check=True, stdout=subprocess.DEVNULL)
+        template.unlink()
         plots = "plots/index.html"
     if args.html:
         atomic.write_text(args.html / "report.html", report.html_page(a, b, plots))

@@ -100,6 +100,16 @@ def markdown(a: Side, b: Side, plots: str | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def plots_template() -> str:
+    """A page template for ``dvc plots diff --html-template`` that works offline: Vega, Vega-Lite
+    and Vega-Embed inlined (vl-convert's bundle, from the Vega project), where DVC's own page
+    loads them from a CDN, so the plots draw on a machine without internet too."""
+    import vl_convert
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n<title>DVC plots</title>\n"
+            f"<script>{vl_convert.javascript_bundle('window.vegaEmbed = vegaEmbed;')}</script>\n"
+            "<style>table{border-spacing:15px}</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
+
+
 def html_page(a: Side, b: Side, plots: str | None = None) -> str:
     """The same report as a page, with DVC's plots of both runs below the tables."""
     def table(head: list[str], body: list[list[str]]) -> str:

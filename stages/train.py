@@ -28,10 +28,10 @@ def main(args: argparse.Namespace) -> None:
     model_cfg = _cli.section(ModelConfig, "model", all_params)  # validated before any work
     cfg = _cli.section(train.TrainConfig, "train", all_params)
     device = train.resolve_device(cfg.device)
-    if (n := distributed.wanted(cfg.processes, device)) > 1 and not distributed.launched():
-        print(f"train: starting {n} processes with torchrun", flush=True)  # they run this same command
-        command = distributed.torchrun_command(n, "stages.train", sys.argv[1:])
-        os.execv(command[0], command)  # this process becomes torchrun's agent: killing it ends the workers
+    stage_args = sys.argv[1:sys.argv.index("--torchrun")] if args.torchrun is not None else sys.argv[1:]
+    if distributed.launch(distributed.wanted(cfg.processes, device), args.torchrun, "stages.train", stage_args,
+                          lambda line: print(line, flush=True)):
+        return  # this process was torchrun's agent: its workers ran this stage
     run = train.set_up(model_cfg, cfg, args.data)
     device, world, model, x, y, xt, yt = run.device, run.world, run.model, run.x, run.y, run.xt, run.yt
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -111,4 +111,6 @@ if __name__ == "__main__":
     parser.add_argument("--run-id", type=Path, required=True, help="out: the MLflow run id")
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="where to keep the resumable checkpoint while training (removed at the end)")
+    parser.add_argument("--torchrun", nargs=argparse.REMAINDER, metavar="OPTION", help="last: run as this machine's "
+                        "torchrun agent of several, with these torchrun options (--nnodes, --rdzv-endpoint, ...)")
     _cli.run(main, parser)

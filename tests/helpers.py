@@ -140,6 +140,9 @@ class TeamServer:
                 "MLFLOW_TRACKING_PASSWORD": self.password}
 
     def start(self, timeout_s: float = 180) -> TeamServer:
+        """Returns once the server says it is ready: MLflow answers and the admin holds the
+        project's experiment and registered model."""
+        before = len(self.log_text())
         log = open(self.log_path, "a")
         env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([str(REPO / "scripts/mlflow_server.sh"), "--data", str(self.data),
@@ -147,14 +150,11 @@ class TeamServer:
                                      stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the team server did not start:\n{self.log_text()}") from None
-                time.sleep(0.3)
+        while "mlflow-server: ready on" not in self.log_text()[before:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the team server did not start:\n{self.log_text()}")
+            time.sleep(0.3)
+        return self
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -191,7 +191,11 @@ class TeamServer:
         self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TeamServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a server that did not start leaves nothing behind either
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

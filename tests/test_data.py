@@ -53,13 +53,30 @@ def test_load_split_rejects_mismatched_files(tmp_path, raw_dir):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx([5, 28, 28]))
     (tmp_path / TEST_LABELS).write_bytes(idx([4]))
     with pytest.raises(data.IDXError, match="5 images but 4 labels"):
-        data.load_split(tmp_path, "test")
+        data.load_split(tmp_path, "test", verify=False)  # hand-made files: not the published bytes
     (tmp_path / TEST_LABELS).write_bytes(idx([5], bytes([1, 2, 3, 4, 12])))
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx([5, 28, 28]))
     with pytest.raises(data.IDXError, match="label 12 is not a digit"):
-        data.load_split(tmp_path, "test")
+        data.load_split(tmp_path, "test", verify=False)
     with pytest.raises(data.IDXError, match="missing: run the download stage first"):
         data.load_split(tmp_path, "train")
+
+
+def test_a_damaged_file_is_refused_naming_it_and_both_hashes(tmp_path, raw_dir):
+    """One label changed (7 -> 1): still a well-formed IDX file of digits, so only the hash can tell."""
+    import hashlib
+    import shutil
+    for name in data.SPLITS["test"]:
+        shutil.copy(raw_dir / name, tmp_path / name)
+    labels = bytearray((tmp_path / TEST_LABELS).read_bytes())
+    labels[8] = 1 if labels[8] != 1 else 2  # the first label, just past the 8-byte header
+    (tmp_path / TEST_LABELS).write_bytes(bytes(labels))
+    with pytest.raises(data.DamagedFileError) as e:
+        data.load_split(tmp_path, "test")
+    message = str(e.value)
+    assert str(tmp_path / TEST_LABELS) in message and "\n" not in message
+    assert hashlib.sha256(labels).hexdigest() in message and data.FILES[TEST_LABELS] in message
+    assert isinstance(e.value, data.PipelineError)  # the stages print it as one line
 
 
 def test_mirror_override_goes_first():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -177,24 +178,56 @@ def test_a_killed_rank_fails_the_stage_in_bounded_time(raw_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_two_torchrun_agents_meet_at_a_rendezvous_on_localhost(raw_dir, tmp_path):
-    """The multi-machine path on one machine: two agents, --nnodes 2 --nproc-per-node 1, c10d."""
-    folder = setup(tmp_path / "agents", raw_dir, 1)  # world size from torchrun, not train.processes
-    port = free_port()
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mnist-test",
-             "--max-restarts", "0", "-m", "stages.train", *ARGS]
-    procs = [subprocess.Popen(agent, cwd=folder, env=env_for(folder), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
+def agent(endpoint: str, *options: str) -> list[str]:
+    """The documented command of one machine of two (README), with --nproc-per-node 1."""
+    return [sys.executable, "-m", "stages.train", *ARGS, "--torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", "mnist-test", *options]
+
+
+def run_agents(folder: Path, commands: list[list[str]], timeout: float) -> list[tuple[int, str]]:
+    procs = [subprocess.Popen(command, cwd=folder, env=env_for(folder), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for command in commands]
     try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    assert [p.returncode for p in procs] == [0, 0], outs
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def test_two_torchrun_agents_meet_at_a_rendezvous_on_localhost(raw_dir, tmp_path):
+    """The multi-machine path on one machine: two agents, --nnodes 2 --nproc-per-node 1, c10d."""
+    folder = setup(tmp_path / "agents", raw_dir, 1)  # world size from torchrun, not train.processes
+    endpoint = f"127.0.0.1:{free_port()}"
+    results = run_agents(folder, [agent(endpoint)] * 2, timeout=300)
+    outs = [out for _, out in results]
+    assert [code for code, _ in results] == [0, 0], outs
     assert "x 2 processes" in "".join(outs) and sum(o.count("test accuracy ") for o in outs) == 1
+    assert all(f"waiting for the others at {endpoint}" in out for out in outs)
     db = sqlite3.connect(folder / "mlflow.db")
     [(run_id,)] = db.execute("select run_uuid from runs").fetchall()
     assert dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))["train.world_size"] == "2"
     assert weights(folder)  # written once, whole
+
+
+def test_two_agents_that_miss_each_other_fail_within_the_join_timeout_in_one_line(raw_dir, tmp_path):
+    """The second machine given another endpoint port: each agent opens a rendezvous of its own and
+    waits alone; each fails once the join timeout is up, saying where it waited, how long, and
+    that 1 of the 2 nodes came, with no traceback."""
+    folder = setup(tmp_path / "apart", raw_dir, 1)
+    ports = [free_port()]
+    while len(ports) < 2:
+        ports += [p for p in [free_port()] if p not in ports]
+    t0 = time.monotonic()
+    results = run_agents(folder, [agent(f"127.0.0.1:{port}", "--rdzv-conf", "join_timeout=5") for port in ports],
+                         timeout=180)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5 + 5 + 60, elapsed  # the timeout, torch's 5 s to leave the round, starting Python and torch
+    for (code, out), port in zip(results, ports):
+        assert code == 1, out
+        [line] = [line for line in out.splitlines() if "error" in line]
+        assert re.fullmatch(rf"stages\.train: error: the rendezvous at 127\.0\.0\.1:{port} \(id mnist-test\) did not "
+                            r"complete: 1 of 2 nodes arrived in \d+ s \(join timeout 5 s\); .*", line), line
+        assert "Traceback" not in out, out
+    assert not (folder / "model.pt").exists()

@@ -48,11 +48,14 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-def add_remote(repo: Path, url: str, env: dict, name: str = "storage", key: Path | None = None) -> None:
-    """What the README tells a team to run (the key only in .dvc/config.local, never committed)."""
+def add_remote(repo: Path, url: str, env: dict, name: str = "storage", key: Path | None = None,
+               verify: bool = True) -> None:
+    """What docs/team.md tells a team to run (the key only in .dvc/config.local, never committed);
+    ``verify=False``: the remote as DVC makes it by default."""
     (repo / ".dvc" / "config.local").unlink(missing_ok=True)  # an earlier test's key
     dvc(repo, "remote", "add", "-d", "-f", name, url, env=env)
-    dvc(repo, "remote", "modify", name, "verify", "true", env=env)  # pull checks every object's hash
+    if verify:
+        dvc(repo, "remote", "modify", name, "verify", "true", env=env)  # pull checks every object's hash
     run(repo, "git", "commit", "-qm", f"DVC remote {name}", ".dvc/config", env=env)  # shared with the team
     if key is not None:
         dvc(repo, "remote", "modify", "--local", name, "keyfile", str(key), env=env)
@@ -81,6 +84,17 @@ def pusher(tmp_path_factory, mirror):
 def remote_objects(storage: Path) -> dict[str, bytes]:
     """{object path: bytes} of a DVC 3 remote (files/md5/xx/yyyy...)."""
     return {str(p.relative_to(storage)): p.read_bytes() for p in storage.rglob("*") if p.is_file()}
+
+
+def damage_remote_object(storage: Path, content: bytes) -> Path:
+    """Flip one byte in the middle of the remote's object holding ``content``; its path."""
+    md5 = hashlib.md5(content).hexdigest()
+    obj = storage / "files" / "md5" / md5[:2] / md5[2:]
+    damaged = bytearray(obj.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(damaged))
+    return obj
 
 
 def assert_remote_complete(storage: Path) -> None:
@@ -124,20 +138,31 @@ def test_a_teammate_pulls_and_repro_runs_nothing(kind, pusher, sshd, tmp_path):
     assert (third / "models/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
 
 
-def test_experiments_travel_through_a_git_remote(pusher, tmp_path):
+@pytest.fixture(scope="module")
+def shared_experiment(pusher, tmp_path_factory):
+    """The pusher's experiment ``shared-seed`` (train.seed=7), pushed to a git remote and a folder
+    DVC remote; the pusher's workspace is back at its commit after. The bare git remote."""
     root, env = pusher
-    storage = tmp_path / "storage"
-    add_remote(root, str(storage), env)
-    bare = tmp_path / "origin.git"
-    run(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(bare), env=env)
+    base = tmp_path_factory.mktemp("shared")
+    add_remote(root, str(base / "storage"), env)
+    bare = base / "origin.git"
+    run(base, "git", "init", "-q", "--bare", "--initial-branch=main", str(bare), env=env)
     run(root, "git", "remote", "add", "origin", str(bare), env=env)
     run(root, "git", "push", "-q", "origin", "HEAD:main", env=env)
     dvc(root, "exp", "run", "-n", "shared-seed", "-S", "train.seed=7", env=env)
-    dvc(root, "exp", "push", "origin", "shared-seed", env=env)  # its commit to git, its outs to the remote
+    dvc(root, "exp", "push", "--run-cache", "origin", "shared-seed", env=env)  # commit to git; outs, run-cache: DVC
+    back_to_head(root, env)
+    return bare
+
+
+def back_to_head(root: Path, env: dict) -> None:
     run(root, "git", "checkout", "--", ".", env=env)
     dvc(root, "checkout", env=env)
 
-    teammate = clone(bare, tmp_path / "teammate", env)
+
+def test_experiments_travel_through_a_git_remote(pusher, shared_experiment, tmp_path):
+    _, env = pusher
+    teammate = clone(shared_experiment, tmp_path / "teammate", env)
     dvc(teammate, "exp", "pull", "origin", "shared-seed", env=env)
     shown = dvc(teammate, "exp", "show", "--no-pager", "--csv", env=env).stdout
     row = next(r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"] == "shared-seed")
@@ -145,6 +170,32 @@ def test_experiments_travel_through_a_git_remote(pusher, tmp_path):
     dvc(teammate, "exp", "apply", "shared-seed", env=env)
     dvc(teammate, "pull", env=env)  # the experiment's model, from the remote
     assert "Running stage" not in dvc(teammate, "repro", env=env).stdout
+
+
+def test_params_trained_before_are_restored_from_the_run_cache_without_training(pusher, shared_experiment, tmp_path):
+    """``dvc exp run`` with params a teammate already trained and pushed (``dvc exp push
+    --run-cache``) takes the train stage from DVC's run-cache: it trains nothing and opens no
+    MLflow run, in the clone that trained them and in another clone. Every out of the train
+    stage is in DVC's cache (a ``cache: false`` one would keep it out of the run-cache)."""
+    import sqlite3
+
+    root, env = pusher
+    runs = sqlite3.connect(root / "mlflow.db").execute("select count(*) from runs").fetchone()[0]
+    try:
+        again = dvc(root, "exp", "run", "-n", "again", "-S", "train.seed=7", "train", env=env)
+        assert "Stage 'train' is cached - skipping run" in again.stdout, again.stdout
+        assert "training " not in again.stdout  # what the train stage prints when it trains
+        assert sqlite3.connect(root / "mlflow.db").execute("select count(*) from runs").fetchone()[0] == runs
+    finally:
+        back_to_head(root, env)
+
+    teammate = clone(shared_experiment, tmp_path / "teammate", env)
+    teammate_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{teammate / 'mlflow.db'}"}
+    there = dvc(teammate, "exp", "run", "--pull", "-n", "mine", "-S", "train.seed=7", "train", env=teammate_env)
+    assert "Stage 'train' is cached - skipping run" in there.stdout, there.stdout + there.stderr
+    assert "training " not in there.stdout
+    assert not (teammate / "mlflow.db").exists() or sqlite3.connect(teammate / "mlflow.db").execute(
+        "select count(*) from runs").fetchone()[0] == 0  # no training, so no run of its own
 
 
 def test_an_unreachable_remote_fails_clearly_and_the_next_push_completes(pusher, sshd, tmp_path):
@@ -196,11 +247,7 @@ def test_a_corrupted_object_on_the_remote_is_refused_on_pull(pusher, tmp_path):
     add_remote(root, str(storage), env)
     dvc(root, "push", env=env)
     onnx_md5 = hashlib.md5((root / "models/model.onnx").read_bytes()).hexdigest()
-    obj = storage / "files" / "md5" / onnx_md5[:2] / onnx_md5[2:]
-    damaged = bytearray(obj.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    obj.chmod(0o644)
-    obj.write_bytes(bytes(damaged))
+    damage_remote_object(storage, (root / "models/model.onnx").read_bytes())
 
     teammate = clone(root, tmp_path / "teammate", env)
     failed = dvc(teammate, "pull", env=env, check=False)
@@ -213,3 +260,30 @@ def test_a_corrupted_object_on_the_remote_is_refused_on_pull(pusher, tmp_path):
     good = (root / "models/model.onnx").read_bytes()  # the pusher's own copy is not overwritten
     dvc(root, "pull", env=env, check=False)
     assert (root / "models/model.onnx").read_bytes() == good
+
+
+def test_a_damaged_object_pulled_without_verify_stops_training(pusher, tmp_path):
+    """A folder remote as DVC makes it (no ``verify``): a byte flipped in the remote's copy of the
+    training images reaches the teammate's data/raw, and DVC sees nothing wrong; the train stage
+    refuses the file, naming it and both hashes, before any training or MLflow run."""
+    from pipeline.data import FILES
+
+    root, env = pusher
+    storage = tmp_path / "storage"
+    add_remote(root, str(storage), env, verify=False)
+    dvc(root, "push", env=env)
+    name = "train-images-idx3-ubyte"
+    damage_remote_object(storage, (root / "data/raw" / name).read_bytes())
+
+    teammate = clone(root, tmp_path / "teammate", env)
+    dvc(teammate, "pull", env=env)  # rc 0
+    damaged = (teammate / "data/raw" / name).read_bytes()
+    assert damaged != (root / "data/raw" / name).read_bytes()
+    assert dvc(teammate, "status", env=env).stdout.strip().endswith("up to date.")  # DVC can't tell
+    failed = dvc(teammate, "repro", "--force", "--single-item", "train", env=env, check=False)
+    assert failed.returncode != 0
+    message = failed.stdout + failed.stderr
+    assert "Running stage 'train'" in message and "training " not in failed.stdout, message
+    [line] = [line for line in message.splitlines() if "is damaged" in line]
+    assert line.startswith("stages.train: error: data/raw/train-images-idx3-ubyte is damaged"), line
+    assert hashlib.sha256(damaged).hexdigest() in line and FILES[name] in line, line

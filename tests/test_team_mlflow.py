@@ -3,13 +3,16 @@ logins (python -m tracking.server, through scripts/mlflow_server.sh), on 127.0.0
 
 The whole pipeline logs there as it does to sqlite; a teammate elsewhere gets the champion's
 bytes through the server alone; the spool survives the server and the database going away;
-logins keep readers from writing.
+logins keep readers from writing. What MLflow's basic-auth lets a default (READ) user do,
+statement by statement as docs/team.md says it; and what PostgreSQL keeps from MLflow's role
+and from its own account (the admin password, the server's files, statement values in its log).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ from tests.test_pipeline_e2e import dvc
 from tests.test_tracking import assert_run_holds_everything_logged, sync, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-MODEL = "mnist-cnn-onnx"
+MODEL, EXPERIMENT = "mnist-cnn-onnx", "mnist-onnx"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,6 +77,158 @@ def _no_login_left_behind(monkeypatch):
 def runs(server: TeamServer) -> list:
     c = client(server)
     return c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
+
+
+# --- what a logged-in user may do (first in this module: on a server nobody has used yet) ----
+
+def _v3(server: TeamServer, method: str, path: str, auth, **fields) -> requests.Response:
+    """MLflow's 3.0 REST API (the per-user permissions)."""
+    given = {"params": fields} if method == "GET" else {"json": fields}
+    return requests.request(method, f"{server.url}/api/3.0/mlflow/{path}", auth=auth, timeout=30, **given)
+
+
+@pytest.fixture(scope="module")
+def users(server):
+    """Two users made by the admin, with the default permission (READ) and nothing granted."""
+    logins = {name: (name, f"{name}-password-123") for name in ("mallory", "trent")}
+    for username, password in logins.values():
+        made = _call(server, "POST", "users/create", auth=(server.ADMIN, server.password), username=username,
+                     password=password)
+        assert made.status_code == 200, made.text
+    return logins
+
+
+def _permission(server: TeamServer, login, resource_type: str, resource_id: str) -> str:
+    got = _v3(server, "GET", "users/permissions/get", login, username=login[0], resource_type=resource_type,
+              resource_id=resource_id)
+    assert got.status_code == 200, got.text
+    return got.json()["permission"]
+
+
+def test_a_new_user_cannot_own_the_projects_experiment_or_model(server, users):
+    """The server made both names as the admin when it was set up, before anyone logged in."""
+    mallory = users["mallory"]
+    got = _call(server, "GET", f"experiments/get-by-name?experiment_name={EXPERIMENT}", auth=mallory)
+    assert got.status_code == 200, got.text
+    experiment_id = got.json()["experiment"]["experiment_id"]
+    for path, name in (("experiments/create", EXPERIMENT), ("registered-models/create", MODEL)):
+        taken = _call(server, "POST", path, auth=mallory, name=name)
+        assert taken.status_code == 400 and taken.json()["error_code"] == "RESOURCE_ALREADY_EXISTS", taken.text
+    for resource_type, resource_id in (("experiment", experiment_id), ("registered_model", MODEL)):
+        assert _permission(server, mallory, resource_type, resource_id) == "READ"
+        granted = _v3(server, "POST", "users/permissions/grant", mallory, username="trent",
+                      resource_type=resource_type, resource_id=resource_id, permission="EDIT")
+        assert granted.status_code == 403, granted.text  # no MANAGE: no grants to anyone
+    assert _call(server, "POST", "registered-models/rename", auth=mallory, name=MODEL,
+                 new_name="taken").status_code == 403
+    assert _call(server, "POST", "experiments/delete", auth=mallory, experiment_id=experiment_id).status_code == 403
+
+
+def test_a_default_user_creates_experiments_and_models_of_their_own_and_manages_them(server, users):
+    """'Read everything, write nothing' is not what default READ means: a user creates
+    experiments and registered models, gets MANAGE on them, and grants others EDIT there."""
+    mallory, trent = users["mallory"], users["trent"]
+    made = _call(server, "POST", "experiments/create", auth=mallory, name="mallory's experiment")
+    assert made.status_code == 200, made.text
+    assert _call(server, "POST", "registered-models/create", auth=mallory, name="mallory-model").status_code == 200
+    for resource_type, resource_id in (("experiment", made.json()["experiment_id"]),
+                                       ("registered_model", "mallory-model")):
+        assert _permission(server, mallory, resource_type, resource_id) == "MANAGE"
+        granted = _v3(server, "POST", "users/permissions/grant", mallory, username="trent",
+                      resource_type=resource_type, resource_id=resource_id, permission="EDIT")
+        assert granted.status_code == 200, granted.text
+        assert _permission(server, trent, resource_type, resource_id) == "EDIT"
+
+
+def test_any_user_lists_every_user_name_and_who_is_the_admin(server, users):
+    listed = _call(server, "GET", "users/list", auth=users["trent"])
+    assert listed.status_code == 200, listed.text
+    admins = {u["username"]: u["is_admin"] for u in listed.json()["users"]}
+    assert {server.ADMIN: True, "mallory": False, "trent": False}.items() <= admins.items()
+    # another user's record, their password, new users: the admin's alone
+    assert _call(server, "GET", "users/get?username=mallory", auth=users["trent"]).status_code == 403
+    assert requests.patch(f"{server.url}/api/2.0/mlflow/users/update-password", auth=users["trent"], timeout=30,
+                          json={"username": "mallory", "password": "x" * 16}).status_code == 403
+    assert _call(server, "POST", "users/create", auth=users["trent"], username="eve",
+                 password="eve-password-123").status_code == 403
+
+
+def test_wrong_passwords_are_never_throttled(server, users):
+    """No lockout, no delay, no 429: each guess costs the server one password hash, nothing more."""
+    t0 = time.perf_counter()
+    codes = {_call(server, "GET", "experiments/search?max_results=1", auth=(server.ADMIN, f"guess-{i}")).status_code
+             for i in range(20)}
+    print(f"20 wrong passwords in {time.perf_counter() - t0:.1f} s")
+    assert codes == {401}
+    assert _call(server, "GET", "experiments/search?max_results=1",
+                 auth=(server.ADMIN, server.password)).status_code == 200  # at once, after 20 misses
+
+
+# --- what PostgreSQL keeps from MLflow's role and from its own account ----------------------
+
+def _postgres_processes(server: TeamServer) -> list:
+    import psutil
+    postmaster = psutil.Process(int((server.data / "postgres" / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def test_no_process_of_another_user_holds_the_admin_password(server):
+    """Neither the postgres account's processes (PostgreSQL) nor any other user's: their
+    /proc/<pid>/environ holds no password (MLflow's own processes, this user's, need it)."""
+    import psutil
+    postgres = {p.pid for p in _postgres_processes(server)}
+    assert len(postgres) > 1  # the postmaster and its workers
+    checked = set()
+    for p in psutil.process_iter():
+        try:
+            if p.uids().real == os.getuid() and p.pid not in postgres:
+                continue
+            environ = Path(f"/proc/{p.pid}/environ").read_bytes()
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+        assert server.password.encode() not in environ, (p.pid, p.name(), p.username())
+        checked.add(p.pid)
+    assert postgres <= checked
+
+
+def test_mlflows_database_role_owns_its_databases_and_cannot_read_files(server):
+    """MLflow connects as ``mlflow``: owner of its two databases, no superuser, so PostgreSQL's
+    file functions (which would read /proc/<pid>/environ, or any file of the postgres account)
+    are refused; and the superuser is not reachable from this (MLflow's) OS user."""
+    import psycopg2
+
+    from tracking.server import AUTH_DATABASE, DATABASE, DB_USER
+    socket = str(server.data / "run")
+    with psycopg2.connect(dbname=DATABASE, user=DB_USER, host=socket) as db, db.cursor() as sql:
+        sql.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+        assert sql.fetchone() == (False, False, False)
+        sql.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN (%s, %s)",
+                    (DATABASE, AUTH_DATABASE))
+        assert dict(sql.fetchall()) == {DATABASE: DB_USER, AUTH_DATABASE: DB_USER}
+        postmaster = _postgres_processes(server)[0].pid
+        for query in ("SELECT pg_read_file('/etc/hostname')",
+                      f"SELECT pg_read_binary_file('/proc/{postmaster}/environ')", "COPY (SELECT 1) TO PROGRAM 'true'"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                sql.execute(query)
+            db.rollback()
+    superuser = _postgres_processes(server)[0].username()
+    with pytest.raises(psycopg2.OperationalError, match="authentication failed"):
+        psycopg2.connect(dbname="postgres", user=superuser, host=socket).close()
+
+
+def test_postgres_log_is_0600_and_holds_no_statement_values(server):
+    """A failed INSERT of a user (a duplicate name) with its password hash: the error is logged,
+    not the statement, its values, nor the DETAIL that quotes the key."""
+    made = [_call(server, "POST", "users/create", auth=(server.ADMIN, server.password), username="victor",
+                  password=f"victor-password-{i}") for i in (1, 2)]
+    assert made[0].status_code == 200 and made[1].json()["error_code"] == "RESOURCE_ALREADY_EXISTS"
+    log = server.data / "postgres.log"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    text = log.read_text()
+    assert 'violates unique constraint "users_username_key"' in text  # the failure itself is there
+    for leak in ("STATEMENT:", "DETAIL:", "INSERT INTO", "victor", "scrypt:", "pbkdf2:"):
+        assert leak not in text, leak
+
 
 
 def test_repro_logs_one_run_with_metrics_model_and_proxied_artifacts(server, repo):

@@ -132,7 +132,7 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_run(workdir):
     import mlflow
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    proc = train(workdir, uri, epochs=3, wait=False)
+    proc = train(workdir, uri, epochs=3, wait=False, env={"DVC_EXP_NAME": "first-attempt"})
     first = ""
     for line in proc.stdout:  # killed as soon as the run is open, long before epoch 1 ends
         if line.startswith("training ") and "MLflow run " in line:
@@ -143,13 +143,14 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_run(workdir):
     assert first and proc.returncode == -signal.SIGKILL
     assert not (workdir / "train.ckpt").exists()  # really before the first checkpoint
 
-    code, out, err = train(workdir, uri, epochs=3)
+    code, out, err = train(workdir, uri, epochs=3, env={"DVC_EXP_NAME": "the-one-that-finished"})
     assert code == 0, err
     assert f"continuing MLflow run {first}" in out
     assert (workdir / "run_id").read_text().strip() == first
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [first]
+    assert runs[0].info.run_name == "the-one-that-finished"  # not the first attempt's name
     assert not (workdir / "train.ckpt.run").exists()  # the note goes with the checkpoint
     assert_run_holds_everything_logged(uri, first, workdir, epochs=3)
 
