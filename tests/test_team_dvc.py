@@ -76,7 +76,8 @@ def pusher(tmp_path_factory, mirror):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("DVC_EXP_NAME", None)
     dvc(root, "repro", env=env)
-    run(root, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qam",
+    run(root, "git", "add", "-A", env=env)  # the git-tracked outs (metrics, reports, pictures) and dvc.lock
+    run(root, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm",
         "pipeline run on small params", env=env)
     return root, env
 

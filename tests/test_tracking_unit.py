@@ -205,7 +205,9 @@ def test_the_spool_replays_datasets_models_their_metrics_a_new_name_and_the_end(
     run = client.get_run(spool.ids()[t.key])
     assert run.info.run_name == "exp-that-finished-it" and run.info.status == "FINISHED"
     inputs = {d.dataset.name: (d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
-    assert inputs == {"mnist-train": (md5, "training"), "mnist-test": (md5, "evaluation")}
+    assert inputs == {"mnist-train": ("0123456789abcdef01234567-train", "training"),
+                      "mnist-test": ("0123456789abcdef01234567-test", "evaluation")}
     model = client.get_logged_model(registry.logged_model_id(client, run.info.run_id, "int8"))
     metrics = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
-    assert metrics == {"accuracy": (0.97, "mnist-test", md5), "errors": (300.0, "mnist-test", md5)}
+    digest = test_set.digest
+    assert metrics == {"accuracy": (0.97, "mnist-test", digest), "errors": (300.0, "mnist-test", digest)}
