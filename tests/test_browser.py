@@ -226,14 +226,26 @@ const [pictures, done] = arguments;
 """
 
 
+COUNT_WORKERS = """window.workersStarted = 0;
+const PageWorker = window.Worker;
+window.Worker = class extends PageWorker { constructor(...args) { super(...args); window.workersStarted++; } };"""
+
+
 def test_on_a_static_host_the_page_reads_100_real_test_digits_drawn_on_its_canvas_without_our_service(
         web_site, browser, test_split, session):
     images, labels = test_split
-    with StaticServer(web_site) as host:  # its own, so its log holds this test's requests only
-        assert open_page(browser, host.url) == "browser"
-        first = len(host.requests)
-        browser.set_script_timeout(120)
-        seen = browser.execute_async_script(PAINT, [base64.b64encode(png(255 - im)).decode() for im in images[:100]])
+    counting = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_WORKERS})
+    try:
+        with StaticServer(web_site) as host:  # its own, so its log holds this test's requests only
+            assert open_page(browser, host.url) == "browser"
+            first = len(host.requests)
+            browser.set_script_timeout(120)
+            seen = browser.execute_async_script(PAINT, [base64.b64encode(png(255 - im)).decode()
+                                                        for im in images[:100]])
+            # A plain static host: no cross-origin isolation, so no SharedArrayBuffer; one thread, no worker.
+            assert browser.execute_script("return [self.crossOriginIsolated, window.workersStarted]") == [False, 0]
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": counting["identifier"]})
     assert "error" not in seen, seen
     assert {s["runtime"] for s in seen} == {"browser"}
     page = np.array([int(s["digit"]) for s in seen])
@@ -269,8 +281,8 @@ def test_digits_drawn_with_the_mouse_or_a_finger_are_read_as_the_pipeline_reads_
     assert mismatches(in_page(browser, [(p, "image/png") for p in pads]), pads, names, session) == []
 
 
-def test_an_opened_digit_is_read_and_shown_with_its_bar_chart_and_its_runtime(static_site, browser, test_split,
-                                                                             tmp_path):
+def test_an_opened_or_pasted_digit_is_read_and_shown_with_its_bar_chart_and_its_runtime(
+        static_site, browser, test_split, tmp_path):
     images, labels = test_split
     open_page(browser, static_site.url)
     for i in (17, 18):
@@ -286,6 +298,14 @@ def test_an_opened_digit_is_read_and_shown_with_its_bar_chart_and_its_runtime(st
         assert said.startswith("Answered by this browser: onnxruntime-web 1.30.0") and " ms" in said, said
         browser.find_element(By.ID, "file").clear()
     assert "mnist-cnn-onnx version" in browser.find_element(By.ID, "version").text
+    browser.find_element(By.ID, "clear").click()
+    pasted = base64.b64encode(png(images[19], (140, 140))).decode()
+    browser.execute_script("""const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const clipboard = new DataTransfer();
+        clipboard.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard}));""", pasted)
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "answer").text == str(labels[19]))
+    assert shown(browser)[::2] == (labels[19], "browser")
     browser.find_element(By.ID, "clear").click()
     assert browser.find_element(By.ID, "answer").text == ""
 
