@@ -24,9 +24,9 @@ def dvc(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, mirror):
+def repo(tmp_path_factory, mirror, web_mirror):
     root = small_repo(tmp_path_factory.mktemp("repo"))
-    env = {**os.environ, "MNIST_MIRROR": str(mirror),
+    env = {**os.environ, "MNIST_MIRROR": str(mirror), "ONNXRUNTIME_WEB_MIRROR": str(web_mirror),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     env.pop("DVC_EXP_NAME", None)
@@ -37,7 +37,8 @@ def repo(tmp_path_factory, mirror):
 
 def test_repro_runs_every_stage_and_writes_the_outs(repo):
     root, _, out = repo
-    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "card"):
+    for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "card",
+                  "web"):
         assert f"Running stage '{stage}'" in out
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["params"] == (5 * 5 * 1 + 1) * 8 + (5 * 5 * 8 + 1) * 16 + (784 + 1) * 64 + (64 + 1) * 10
@@ -64,6 +65,11 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     triton = root / "models/triton/mnist-cnn-onnx"
     assert (triton / "1/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
     assert 'backend: "onnxruntime"' in (triton / "config.pbtxt").read_text()
+    site = root / "models/web"  # the static site, offline: onnxruntime-web from the mirror, verified
+    assert (site / "model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
+    assert {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()} == {
+        "index.html", "app.js", "runtimes.js", "digits.js", "site.json", "model.onnx",
+        "ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm"}
 
 
 def test_the_model_files_say_where_they_came_from(repo, tmp_path):
