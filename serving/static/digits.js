@@ -266,26 +266,22 @@ function coefficients(inSize, in0, in1, outSize, filter) {
 }
 
 function resamplePass(img, taps, horizontal) {
-  const eightBit = img.data instanceof Uint8Array, {bands} = img;
+  const eightBit = img.data instanceof Uint8Array, {bands} = img, source = img.data;
   const width = horizontal ? taps.length : img.width, height = horizontal ? img.height : taps.length;
   const data = eightBit ? new Uint8Array(width * height * bands) : new Float32Array(width * height * bands);
   const PRECISION_BITS = 32 - 8 - 2;  // 8-bit results; 2 bits spare for the filter's overshoot
-  const fixed = eightBit ? taps.map(t => t.weights.map(w => Math.trunc((w < 0 ? -0.5 : 0.5) + w * 2 ** PRECISION_BITS)))
-    : null;
+  const weights = taps.map(t => (eightBit
+    ? Int32Array.from(t.weights, w => Math.trunc((w < 0 ? -0.5 : 0.5) + w * 2 ** PRECISION_BITS))
+    : Float64Array.from(t.weights)));
+  const step = (horizontal ? 1 : img.width) * bands;  // from one tap to the next, in the source
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < width; x++) {
-      const i = horizontal ? x : y, {first} = taps[i];
+      const i = horizontal ? x : y, k = weights[i];
+      const first = (horizontal ? y * img.width + taps[i].first : taps[i].first * img.width + x) * bands;
       for (let b = 0; b < bands; b++) {
-        const at = k => (horizontal ? (y * img.width + first + k) : ((first + k) * img.width + x)) * bands + b;
-        if (eightBit) {
-          let sum = 1 << (PRECISION_BITS - 1);
-          fixed[i].forEach((w, k) => { sum += img.data[at(k)] * w; });
-          data[(y * width + x) * bands + b] = clip(sum >> PRECISION_BITS, 0, 255);
-        } else {
-          let sum = 0;
-          taps[i].weights.forEach((w, k) => { sum += img.data[at(k)] * w; });
-          data[(y * width + x) * bands + b] = sum;  // stored as float32
-        }
+        let sum = eightBit ? 1 << (PRECISION_BITS - 1) : 0;  // fixed point: a half, to round
+        for (let t = 0, at = first + b; t < k.length; t++, at += step) sum += source[at] * k[t];
+        data[(y * width + x) * bands + b] = eightBit ? clip(sum >> PRECISION_BITS, 0, 255) : sum;  // float32 stored
       }
     }
   }
