@@ -91,7 +91,8 @@ def site_serving(site: Path, model: Path, folder: Path) -> Path:
     """A copy of ``site`` whose page runs ``model`` (the other files linked, not copied)."""
     copy = folder / model.stem
     shutil.copytree(site, copy, copy_function=lambda s, d: Path(d).symlink_to(Path(s).resolve()))
-    (copy / "model.onnx").unlink()
+    for own in ("model.onnx", "site.json"):  # links to the site's own: replaced, never written through
+        (copy / own).unlink()
     shutil.copyfile(model, copy / "model.onnx")
     manifest = json.loads((site / "site.json").read_text())
     manifest["model"].update(sha256=runtime.sha256(model), bytes=model.stat().st_size,
@@ -141,7 +142,7 @@ def screenshots(url: str, raw: Path, folder: Path) -> list[Path]:
 
     images, _ = data.load_split(raw, "test")
     written = []
-    for name, (width, height) in {"web-desktop.png": (900, 620), "web-phone.png": (390, 860)}.items():
+    for name, (width, height) in {"web-desktop.png": (900, 600), "web-phone.png": (390, 800)}.items():
         driver = chromium(width, height)
         try:
             driver.get(url + "/")
@@ -150,7 +151,7 @@ def screenshots(url: str, raw: Path, folder: Path) -> list[Path]:
             pad = driver.find_element(By.ID, "pad")
             actions = ActionChains(driver, duration=0)
             scale = pad.size["width"] / 28
-            for r, row in list(enumerate(images[0] > 128))[::2]:  # the first test digit, traced row by row
+            for r, row in enumerate(images[0] > 128):  # the first test digit, traced row by row
                 runs = np.flatnonzero(np.diff(np.r_[0, row.astype(int), 0]))
                 for start, end in zip(runs[::2], runs[1::2]):
                     y = int((r + 0.5) * scale - pad.size["height"] / 2)
@@ -163,6 +164,8 @@ def screenshots(url: str, raw: Path, folder: Path) -> list[Path]:
                 'return document.getElementById("pad").dataset.state === "idle" '
                 '&& document.getElementById("answer").dataset.digit !== ""'))
             time.sleep(0.3)  # the bars' transition
+            driver.set_window_size(width, driver.execute_script("return document.documentElement.scrollHeight") + 24
+                                   + driver.execute_script("return window.outerHeight - window.innerHeight"))
             shot = Image.open(io.BytesIO(driver.get_screenshot_as_png()))
             folder.mkdir(parents=True, exist_ok=True)
             shot.convert("RGB").quantize(64).save(folder / name, optimize=True)

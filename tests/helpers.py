@@ -138,7 +138,8 @@ class StaticServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def paths(self) -> set[str]:
-        return {path for _, path, _ in self.requests}
+        """The paths asked for, without their query strings."""
+        return {path.partition("?")[0] for _, path, _ in self.requests}
 
     def __enter__(self) -> StaticServer:
         self._thread.start()

@@ -23,14 +23,14 @@ export async function loadBrowserRuntime() {
   if (typeof WebAssembly !== "object") {
     throw new PageError("This browser has no WebAssembly, which onnxruntime-web needs to run the model here.");
   }
-  const found = await fetch("site.json");
+  const found = await fetch("site.json", {cache: "no-cache"});  // what is deployed now, not a cached copy
   if (!found.ok) throw new PageError(`onnxruntime-web is not on this host (site.json: HTTP ${found.status}).`);
   const site = await found.json();
   const ort = await import(new URL(site.runtime.module, location.href).href);
   ort.env.wasm.numThreads = 1;
   let session;
   try {
-    const model = await fetch(site.model.file);
+    const model = await fetch(`${site.model.file}?sha256=${site.model.sha256}`);  // a new model, a new URL: never stale
     if (!model.ok) throw new Error(`HTTP ${model.status}`);
     session = await ort.InferenceSession.create(new Uint8Array(await model.arrayBuffer()),
                                                 {executionProviders: ["wasm"]});
