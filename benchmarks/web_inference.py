@@ -61,7 +61,8 @@ const [pictures, calls, done] = arguments;
 """
 
 
-def chromium(width: int, height: int):
+def chromium(width: int, height: int, profile: Path):
+    """Headless Debian Chromium on a fresh profile (no cache from an earlier run), as the tests start it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -69,7 +70,7 @@ def chromium(width: int, height: int):
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--hide-scrollbars",
-                 f"--window-size={width},{height}"):
+                 f"--window-size={width},{height}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     driver.set_script_timeout(600)
@@ -134,7 +135,7 @@ def measure(driver, url: str, model: Path, blobs: list[bytes], calls: int, round
             "ratio_chromium_vs_python_p50": statistics.median(ratios)}
 
 
-def screenshots(url: str, raw: Path, folder: Path) -> list[Path]:
+def screenshots(url: str, raw: Path, folder: Path, profiles: Path) -> list[Path]:
     """The page with a test digit drawn on it, at desktop and at phone width."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -143,7 +144,7 @@ def screenshots(url: str, raw: Path, folder: Path) -> list[Path]:
     images, _ = data.load_split(raw, "test")
     written = []
     for name, (width, height) in {"web-desktop.png": (900, 600), "web-phone.png": (390, 800)}.items():
-        driver = chromium(width, height)
+        driver = chromium(width, height, profiles / name)
         try:
             driver.get(url + "/")
             WebDriverWait(driver, 30).until(lambda d: d.execute_script(
@@ -191,7 +192,8 @@ def main() -> None:
     models = args.model or [m for m in (args.site.parent / "model.onnx", args.site.parent / "model.int8.onnx")
                             if m.is_file()]
     blobs = pictures(args.data, args.pictures)
-    driver = chromium(1000, 800)
+    profiles = Path(tempfile.mkdtemp(prefix="web-inference-"))
+    driver = chromium(1000, 800, profiles / "measuring")
     runs: list[dict] = []
     results: dict[str, Any] = {"machine": {**hardware(with_gpu=False),
                                            "chromium": driver.capabilities.get("browserVersion", "?")},
@@ -206,7 +208,8 @@ def main() -> None:
     results["state_after"] = state()
     if args.screenshots:
         with StaticServer(args.site) as host:
-            results["screenshots"] = [str(s) for s in screenshots(host.url, args.data, args.screenshots)]
+            results["screenshots"] = [str(s) for s in screenshots(host.url, args.data, args.screenshots, profiles)]
+    shutil.rmtree(profiles, ignore_errors=True)
     m = results["machine"]
     print(f"machine: {m['cpu']} ({m['cores']} cores; {m['cpu_features']}), Chromium {m['chromium']}, "
           f"onnxruntime {m.get('onnxruntime')}, load {results['state_before']['loadavg_1m']:.2f}")
