@@ -200,16 +200,19 @@ def fetch_runtime(cfg: WebConfig, where: tuple[str, ...],
 def unpack_runtime(tarball: bytes, dest: Path) -> list[Path]:
     """The files the page loads (RUNTIME_FILES), from a verified tarball into the site folder ``dest``."""
     unpacked = dest / ".package"
-    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
-        names = set(tar.getnames())
-        missing = sorted(set(RUNTIME_FILES) - names)
-        if missing:
-            raise WebError(f"the runtime tarball has no {', '.join(missing)}: this page loads onnxruntime-web's "
-                           "WebAssembly bundle (dist/ort.wasm.bundle.min.mjs, 1.20 or later)")
-        try:
-            tar.extractall(unpacked, members=[tar.getmember(n) for n in RUNTIME_FILES], filter="data")
-        except tarfile.FilterError as e:  # an absolute path, a .. or a link out of the folder, a device
-            raise WebError(f"the runtime tarball: refused to unpack {e.tarinfo.name}: {e}") from None
+    found: set[str] = set()
+    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r|gz") as tar:  # one pass over the stream
+        for member in tar:
+            if member.name in RUNTIME_FILES:
+                try:
+                    tar.extract(member, unpacked, filter="data")
+                except tarfile.FilterError as e:  # an absolute path, a .. or a link out of the folder, a device
+                    raise WebError(f"the runtime tarball: refused to unpack {member.name}: {e}") from None
+                found.add(member.name)
+    missing = sorted(set(RUNTIME_FILES) - found)
+    if missing:
+        raise WebError(f"the runtime tarball has no {', '.join(missing)}: this page loads onnxruntime-web's "
+                       "WebAssembly bundle (dist/ort.wasm.bundle.min.mjs, 1.20 or later)")
     written = []
     for inside, target in RUNTIME_FILES.items():
         (dest / target).parent.mkdir(parents=True, exist_ok=True)
