@@ -35,7 +35,7 @@ def repo(tmp_path_factory, mirror, web_mirror):
     return root, env, result.stdout
 
 
-def test_repro_runs_every_stage_and_writes_the_outs(repo):
+def test_repro_runs_every_stage_and_writes_the_outs(repo, web_mirror):
     root, _, out = repo
     for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "card",
                   "web"):
@@ -66,6 +66,7 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     assert (triton / "1/model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
     assert 'backend: "onnxruntime"' in (triton / "config.pbtxt").read_text()
     site = root / "models/web"  # the static site, offline: onnxruntime-web from the mirror, verified
+    assert f"from {web_mirror / 'onnxruntime-web-1.30.0.tgz'}, integrity verified" in out
     assert (site / "model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
     assert {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()} == {
         "index.html", "app.js", "runtimes.js", "digits.js", "site.json", "model.onnx",
