@@ -102,8 +102,9 @@ def _is_url(mirror: str) -> bool:
     return urllib.parse.urlparse(mirror).scheme in ("http", "https", "file")
 
 
-def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> bytes:
-    """The body at ``url``, all of it within ``timeout_s`` seconds, whatever the server does.
+def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None], max_bytes: int = MAX_GZ_BYTES) -> bytes:
+    """The body at ``url``, all of it within ``timeout_s`` seconds, whatever the server does, and
+    at most ``max_bytes`` of it.
 
     Each read takes what has arrived (``read1``) with the socket's timeout set to the time
     left, so a server that stalls, or drips a byte every few seconds, is abandoned at the
@@ -115,8 +116,8 @@ def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> b
             length = resp.headers.get("Content-Length")
             if length is not None and not (length.isascii() and length.isdigit()):
                 raise _MirrorFailure(f"invalid Content-Length {length!r}")
-            if length is not None and int(length) > MAX_GZ_BYTES:
-                raise _MirrorFailure(f"refused: {length} bytes is larger than any MNIST file")
+            if length is not None and int(length) > max_bytes:
+                raise _MirrorFailure(f"refused: {length} bytes is more than the {max_bytes:,} expected at most")
             chunks, got = [], 0
             while True:
                 too_slow = _Unreachable(f"too slow: not complete within {timeout_s:g} s ({got:,} bytes)")
@@ -131,8 +132,8 @@ def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> b
                 if not chunk:
                     break
                 got += len(chunk)
-                if got > MAX_GZ_BYTES:
-                    raise _MirrorFailure("refused: larger than any MNIST file")
+                if got > max_bytes:
+                    raise _MirrorFailure(f"refused: more than the {max_bytes:,} bytes expected at most")
                 chunks.append(chunk)
                 progress(len(chunk))
             data = b"".join(chunks)
@@ -149,6 +150,15 @@ def _fetch_url(url: str, timeout_s: float, progress: Callable[[int], None]) -> b
         raise cls(f"{type(e.reason).__name__}: {e.reason}") from None
     except (http.client.HTTPException, OSError, ValueError) as e:  # ValueError: malformed URL
         raise _NetworkFailure(f"{type(e).__name__}: {e}") from None
+
+
+def fetch_url(url: str, timeout_s: float, max_bytes: int) -> bytes:
+    """The body at ``url`` within ``timeout_s`` seconds and ``max_bytes`` bytes, for downloads other
+    than MNIST's (the web stage's runtime); a DownloadError says why not."""
+    try:
+        return _fetch_url(url, timeout_s, lambda n: None, max_bytes)
+    except _MirrorFailure as e:
+        raise DownloadError(f"{url}: {e}") from None
 
 
 def _set_read_timeout(resp, seconds: float) -> None:

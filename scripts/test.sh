@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint (ruff) and type-check (mypy), then run the test suite: pytest [ARGS...].
-# The tests download MNIST from a local mirror: $MNIST_MIRROR, else ../shared/mnist.
+# The tests download MNIST from a local mirror: $MNIST_MIRROR, else ../shared/mnist; and onnxruntime-web's
+# npm tarball from $ONNXRUNTIME_WEB_MIRROR, else ../shared/onnxruntime-web.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MNIST_MIRROR=${MNIST_MIRROR:-$(cd .. && pwd)/shared/mnist}
+export ONNXRUNTIME_WEB_MIRROR=${ONNXRUNTIME_WEB_MIRROR:-$(cd .. && pwd)/shared/onnxruntime-web}
 if [[ "$MNIST_MIRROR" != *://* ]] && ! ls "$MNIST_MIRROR"/*.gz >/dev/null 2>&1; then
     echo "test: no MNIST files in $MNIST_MIRROR; set MNIST_MIRROR to a folder (or URL) holding the four" \
          "MNIST .gz files, e.g. MNIST_MIRROR=/path/to/shared/mnist ./scripts/test.sh" >&2

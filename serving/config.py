@@ -37,6 +37,8 @@ class ServeConfig:
     body_timeout_s: float = _setting(30.0, "a body must arrive whole within this; else 408")
     idle_timeout_s: float = _setting(15.0, "a keep-alive connection silent this long is closed")
     shutdown_grace_s: float = _setting(30.0, "how long requests in flight may take to finish at shutdown")
+    site: str = _setting("", "a static site folder to serve at / (the web stage's models/web: the page then runs "
+                             "the model in the browser too); empty: the page alone, answered by this service")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "serve.port", self.port, "0..65535")

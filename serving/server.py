@@ -8,7 +8,8 @@ Endpoints (KServe / Open Inference Protocol v2, as Triton speaks it, plus three 
     POST /v2/models/<name>[/versions/<v>]/infer               tensors in, logits out
     POST /digit                               a PNG/JPEG of a digit in, digit + probabilities out
     GET  /metrics                             Prometheus text format (serving/metrics.py)
-    GET  /                                    a page to draw a digit on (serving/static/draw.html)
+    GET  /                                    a page to draw a digit on (serving/static), or with --site the
+                                              web stage's static site: the page runs the model in the browser
 
 The transport is not ours: uvicorn (with the h11 parser) speaks HTTP, with its limits, timeouts
 and graceful shutdown, and Starlette routes the requests (the README says what was compared).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mimetypes
 import os
 import resource
 import signal
@@ -46,7 +48,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from pipeline import digits, evaluate, runtime
@@ -56,7 +58,7 @@ from serving.batcher import Batcher
 from serving.config import ServeConfig
 from serving.metrics import CONTENT_TYPE, Metrics
 
-PAGE = Path(__file__).with_name("static") / "draw.html"
+STATIC = Path(__file__).with_name("static")  # the page; the web stage's site is it, the model and onnxruntime-web
 EXTENSIONS = ["binary_tensor_data"]  # the v2 extensions this server implements, and only those
 
 
@@ -73,7 +75,9 @@ class Service:
         self.cfg, self.name, self.log = cfg, name, log
         self.parameters = parameters or {}  # said about the model beside its own metadata (registry version)
         self.model_path = Path(model_path)
-        self.page = PAGE.read_bytes()
+        self.site = Path(cfg.site) if cfg.site else STATIC
+        if not (self.site / "index.html").is_file():
+            raise ServeError(f"--site {cfg.site}: no index.html there; build the site with: dvc repro web")
         self.metrics = Metrics(name)
         self.bodies = admission.BodyBudget(cfg.body_memory_bytes)
         self.slots = admission.Slots(cfg.max_concurrency)
@@ -175,7 +179,7 @@ class Api:
         versioned = "/v2/models/{name}/versions/{version}"
         e = self._endpoint
         return [
-            Route("/", e("page", self.page)), Route("/index.html", e("page", self.page)),
+            *[Route(path, e("page", self._file(file))) for path, file in self.site_files().items()],
             Route("/v2/health/live", e("live", self.live)),
             Route("/v2/health/ready", e("ready", self.ready)),
             Route("/v2", e("server_metadata", self.server_metadata)),
@@ -233,8 +237,20 @@ class Api:
             have = svc.spec.version if svc.ready else "(loading)"
             raise protocol.RequestError(f"unknown version {version!r} of {svc.name!r}; this server has {have}", 404)
 
-    async def page(self, request: Request) -> Response:
-        return Response(self.svc.page, media_type="text/html; charset=utf-8")
+    def site_files(self) -> dict[str, Path]:
+        """URL path -> file, for every file of the site folder, listed once at start-up (so an unknown
+        path is a 404 like any other, and no request can name a file outside the folder)."""
+        site = self.svc.site
+        files = {"/" + f.relative_to(site).as_posix(): f for f in sorted(site.rglob("*")) if f.is_file()}
+        return {"/": site / "index.html", **files}
+
+    @staticmethod
+    def _file(path: Path) -> Callable[[Request], Awaitable[Response]]:
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"  # .wasm: application/wasm
+
+        async def send(request: Request) -> Response:
+            return FileResponse(path, media_type=media_type)
+        return send
 
     async def live(self, request: Request) -> Response:
         return _json(200, {"live": True})

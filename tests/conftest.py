@@ -14,6 +14,8 @@ from pipeline import data
 from tests.helpers import REPO
 
 LOCAL_MIRROR = Path(os.environ.get("MNIST_MIRROR") or REPO.parent / "shared" / "mnist")
+# onnxruntime-web's npm tarball, as the registry publishes it (see its README for the integrity)
+WEB_MIRROR = Path(os.environ.get("ONNXRUNTIME_WEB_MIRROR") or REPO.parent / "shared" / "onnxruntime-web")
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +138,27 @@ def small_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("b") / "m.onnx"
     export.export_onnx(model, path, export.ExportConfig())
     return model, path
+
+
+@pytest.fixture(scope="session")
+def web_mirror() -> Path:
+    from pipeline.web import WebConfig
+    if not (WEB_MIRROR / WebConfig().tarball).is_file():
+        pytest.fail(f"no {WebConfig().tarball} at {WEB_MIRROR}: set ONNXRUNTIME_WEB_MIRROR to a folder holding it")
+    return WEB_MIRROR
+
+
+@pytest.fixture(scope="session")
+def web_site(served_model, web_mirror, tmp_path_factory) -> Path:
+    """The web stage's static site, built once: the page (serving/static), served_model, onnxruntime-web."""
+    from pipeline import runtime, web
+
+    cfg = web.WebConfig()
+    tarball, _ = web.fetch_runtime(cfg, (str(web_mirror),))
+    site = tmp_path_factory.mktemp("web") / "site"
+    web.write_site(site, REPO / "serving" / "static", served_model, tarball,
+                   web.manifest(cfg, "mnist-cnn-onnx", served_model, runtime.sha256(served_model)))
+    return site
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

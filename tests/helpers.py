@@ -112,6 +112,45 @@ class SpawnedServer:
             self.stop()
 
 
+class StaticServer:
+    """Python's own static file server (http.server) on 127.0.0.1 and a free port, serving ``folder``
+    as any static web host would: no COOP/COEP headers, nothing of ours. ``requests`` logs every
+    request it answered as (method, path, status). Stopped on exit."""
+
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+
+        self.folder = Path(folder)
+        self.requests: list[tuple[str, str, int]] = []
+        log = self.requests
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                log.append((self.command, self.path, int(code)))
+
+            def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's name
+                pass  # 404s and the like are in ``requests``; nothing on stderr
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()),
+                                                     functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def paths(self) -> set[str]:
+        """The paths asked for, without their query strings."""
+        return {path.partition("?")[0] for _, path, _ in self.requests}
+
+    def __enter__(self) -> StaticServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=10)
+
+
 class TeamServer:
     """``python -m tracking.server`` (PostgreSQL, proxied artifacts, logins) on a free port.
 

@@ -24,9 +24,9 @@ def dvc(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, mirror):
+def repo(tmp_path_factory, mirror, web_mirror):
     root = small_repo(tmp_path_factory.mktemp("repo"))
-    env = {**os.environ, "MNIST_MIRROR": str(mirror),
+    env = {**os.environ, "MNIST_MIRROR": str(mirror), "ONNXRUNTIME_WEB_MIRROR": str(web_mirror),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     env.pop("DVC_EXP_NAME", None)
@@ -35,12 +35,12 @@ def repo(tmp_path_factory, mirror):
     return root, env, result.stdout
 
 
-def test_repro_runs_every_stage_and_writes_the_outs(repo):
+def test_repro_runs_every_stage_and_writes_the_outs(repo, web_mirror):
     from pipeline import headline
 
     root, _, out = repo
     for stage in ("download", "train", "export", "verify", "evaluate", "triton", "benchmark", "quantize", "summary",
-                  "card"):
+                  "card", "web"):
         assert f"Running stage '{stage}'" in out
     train = json.loads((root / "reports/train.json").read_text())
     assert train["params"] == (5 * 5 * 1 + 1) * 8 + (5 * 5 * 8 + 1) * 16 + (784 + 1) * 64 + (64 + 1) * 10
@@ -77,6 +77,12 @@ def test_repro_runs_every_stage_and_writes_the_outs(repo):
     assert values["fp32"]["params"] == shapes["params_onnx"] and values["train"]["img_per_s"] == round(
         train["images_per_s"])
     assert all(line in out for line in headline.summary(values))  # the summary stage says it too
+    site = root / "models/web"  # the static site, offline: onnxruntime-web from the mirror, verified
+    assert f"from {web_mirror / 'onnxruntime-web-1.30.0.tgz'}, integrity verified" in out
+    assert (site / "model.onnx").read_bytes() == (root / "models/model.onnx").read_bytes()
+    assert {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()} == {
+        "index.html", "app.js", "runtimes.js", "digits.js", "site.json", "model.onnx",
+        "ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm"}
 
 
 def test_the_model_files_say_where_they_came_from(repo, tmp_path):
