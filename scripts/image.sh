@@ -23,13 +23,13 @@ while [ $# -gt 0 ]; do
            exit 2 ;;
     esac
 done
+if [ ! -f models/model.onnx ]; then
+    echo "image: no models/model.onnx to put in the image; make it first: ./scripts/repro.sh (or dvc pull)" >&2
+    exit 2
+fi
 read -ra engine <<< "${ENGINE:-$(command -v podman || command -v docker || true)}"
 if [ ${#engine[@]} -eq 0 ]; then
     echo "image: neither podman nor docker is installed (Debian: apt-get install podman runc)" >&2
-    exit 2
-fi
-if [ ! -f models/model.onnx ]; then
-    echo "image: no models/model.onnx to put in the image; make it first: ./scripts/repro.sh (or dvc pull)" >&2
     exit 2
 fi
 cert=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
