@@ -104,19 +104,24 @@ class Container:
     ``stop()`` sends SIGTERM and returns the exit code; leaving the block removes the container.
     """
 
-    def __init__(self, image: str, *args: str, volumes: tuple[str, ...] = ()):
-        self.image, self.args = image, args
+    def __init__(self, image: str, *args: str, volumes: tuple[str, ...] = (), host_network: bool = False):
         self.name = f"mnist-onnx-test-{uuid.uuid4().hex[:12]}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.volumes = volumes
+        self.image, self.volumes = image, volumes
+        if host_network:  # the host's own network, no port mapping: then it must listen on 127.0.0.1 itself
+            self.network = ["--network=host"]
+            self.args = (*args, "--host", "127.0.0.1", "--port", str(self.port))
+        else:
+            self.network = ["--publish", f"127.0.0.1:{self.port}:{CONTAINER_PORT}"]
+            self.args = args
         self.ready_s = float("nan")
 
     def start(self, timeout_s: float = 120) -> Container:
         t0 = time.perf_counter()
-        podman("run", "--detach", "--name", self.name, "--publish", f"127.0.0.1:{self.port}:{CONTAINER_PORT}",
-               "--read-only", "--read-only-tmpfs=false", "--cap-drop=ALL", "--security-opt=no-new-privileges",
-               "--pull=never", *ulimits(), *(f"--volume={v}" for v in self.volumes), self.image, *self.args)
+        podman("run", "--detach", "--name", self.name, *self.network, "--read-only", "--read-only-tmpfs=false",
+               "--cap-drop=ALL", "--security-opt=no-new-privileges", "--pull=never", *ulimits(),
+               *(f"--volume={v}" for v in self.volumes), self.image, *self.args)
         deadline = t0 + timeout_s
         while True:
             try:
