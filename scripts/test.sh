@@ -14,11 +14,15 @@ fi
 ./scripts/setup.sh
 
 # Debian packages the tests start for real: Chromium and its ChromeDriver (browser tests),
-# PostgreSQL (the team's MLflow server), openssh-server (the DVC SSH remote).
+# PostgreSQL (the team's MLflow server), openssh-server (the DVC SSH remote), podman with runc
+# and mmdebstrap (the service's image, built on a base made from apt's mirror, and run).
 need=()
 { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || need+=(chromium chromium-driver)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+for tool in podman runc mmdebstrap; do
+    command -v $tool >/dev/null || [ -x /usr/sbin/$tool ] || [ -x /usr/bin/$tool ] || need+=($tool)
+done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "test: installing Debian's ${need[*]}"
