@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> None:
     example = x[:2]
     parity = {k: v for k, v in report.items() if k.startswith("parity_")}
     tracker.log_onnx_model(args.out, example, session.run(example), "fp32", registry.model_name,
-                           {**parity, "sha256": runtime.sha256(args.out)})  # sha256: the file's identity
+                           {**parity, "sha256": runtime.sha256(args.out)},  # sha256: the file's identity
+                           step=all_params["train"]["epochs"])  # the model of the last epoch
     test_set = datasets.mnist("test", provenance["data_md5"])  # parity is measured on its first images
     tracker.log_metrics({k: parity[k] for k in ("parity_max_abs_diff", "parity_argmax_agreement")}, model="fp32",
                         dataset=test_set)

@@ -28,7 +28,8 @@ def main(args: argparse.Namespace) -> None:
 
     tracker = Tracker.resume(args.run_id)
     example = contract.to_input(test_x[:2])
-    tracker.log_onnx_model(args.out, example, sessions["int8"].run(example), name="int8")  # a model of its own
+    tracker.log_onnx_model(args.out, example, sessions["int8"].run(example), name="int8",  # a model of its own,
+                           step=_cli.load_params()["train"]["epochs"])  # from the last epoch
     test_set = datasets.mnist("test", runtime.metadata(models["int8"])["data_md5"])
     tracker.log_metrics(evaluate.model_metrics(results["int8"]), model="int8", dataset=test_set)
     tracker.log_artifact(args.metrics, "quantize")

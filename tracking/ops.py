@@ -6,7 +6,7 @@ from the spool later, with its original timestamps and steps.
      "logged_model", "dataset": {"name", "digest"}}   (metrics of a model the run logged, on a dataset)
     {"op": "log_inputs", "datasets": [{"name", "digest", "source_type", "source", "context"}, ...]}
     {"op": "log_artifact", "file", "folder"}
-    {"op": "log_onnx_model", "model", "example", "name", "registered_name", "version_tags"}
+    {"op": "log_onnx_model", "model", "example", "name", "registered_name", "version_tags", "step"}
     {"op": "tag_model_versions", "tags"}
     {"op": "rename_run", "name"}
     {"op": "end_run", "status", "end_time"}
@@ -57,7 +57,7 @@ def apply(op: dict, run_id: str | None) -> str | None:
         mlflow_client.log_artifact(run_id, op["file"], op.get("folder"))
     elif kind == "log_onnx_model":
         registry.log_onnx_model(run_id, op["model"], op["example"], op.get("name") or "fp32",
-                                op.get("registered_name"), op.get("version_tags") or {})
+                                op.get("registered_name"), op.get("version_tags") or {}, op.get("step", 0))
     elif kind == "tag_model_versions":
         registry.tag_model_versions(mlflow_client, run_id, op["tags"])
     else:

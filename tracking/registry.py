@@ -22,11 +22,15 @@ PYFUNC_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def log_onnx_model(run_id: str, model_path: str, example_file: str, name: str, registered_name: str | None,
-                   version_tags: dict[str, str]) -> None:
+                   version_tags: dict[str, str], step: int = 0) -> None:
     """Log the ONNX file to the run as a model of its own (MLflow 3's LoggedModel, ``name``
     within the run: ``fp32``, ``int8``); with a registered name, a new version with the alias
     ``candidate``. ``example_file`` holds the input example and the model's output on it
-    (the stage computed both): the file is not loaded, checked or run again here."""
+    (the stage computed both): the file is not loaded, checked or run again here.
+
+    ``step`` is the training step the model comes from (the last epoch's). MLflow copies the
+    run's metrics of that step into the model: at the last epoch, its curves' final values;
+    at step 0 it would copy the run-level metrics, another model's accuracy among them."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
@@ -38,7 +42,7 @@ def log_onnx_model(run_id: str, model_path: str, example_file: str, name: str, r
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = mlflow.onnx.log_model(
-            proto, name=name, signature=infer_signature(example, output), input_example=example,
+            proto, name=name, step=step, signature=infer_signature(example, output), input_example=example,
             save_as_external_data=False, onnx_execution_providers=PYFUNC_PROVIDERS,
             pip_requirements=[f"onnxruntime-gpu=={package_version('onnxruntime-gpu')}", f"onnx=={onnx.__version__}",
                               "numpy"])

@@ -198,10 +198,11 @@ class Tracker:
                                               "folder": folder})
 
     def log_onnx_model(self, model_path: Path, example: np.ndarray, output: np.ndarray, name: str = "fp32",
-                       registered_name: str | None = None, version_tags: dict[str, Any] | None = None) -> None:
+                       registered_name: str | None = None, version_tags: dict[str, Any] | None = None,
+                       step: int = 0) -> None:
         """The model file as a model of the run called ``name``, with its signature: ``example``
         is an input and ``output`` what the model gives for it (the caller has both; the model is
-        not run again here)."""
+        not run again here). ``step``: the training step the model comes from (its last epoch)."""
         if self.key is None:
             return
         with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
@@ -210,7 +211,7 @@ class Tracker:
         try:
             self._do("log the ONNX model", {
                 "op": "log_onnx_model", "model": str(Path(model_path).resolve()), "example": str(example_file),
-                "name": name, "registered_name": registered_name,
+                "name": name, "registered_name": registered_name, "step": step,
                 "version_tags": {k: str(v) for k, v in (version_tags or {}).items()}})
         finally:
             example_file.unlink(missing_ok=True)  # a spooled operation keeps its own copy
