@@ -189,6 +189,7 @@ MALFORMED = {  # name: (method, path, body, headers, status)
     "shape does not match data length": ("POST", INFER, _one().replace(b"[1, 1, 28, 28]", b"[2, 1, 28, 28]"), {}, 400),
     "NaN": ("POST", INFER, _one().replace(b"0.0,", b"NaN,", 1), {}, 400),
     "infinity": ("POST", INFER, _one().replace(b"0.0,", b"Infinity,", 1), {}, 400),
+    "a pixel of 1e30": ("POST", INFER, _one().replace(b"0.0,", b"1e30,", 1), {}, 400),
     "batch over the limit": ("POST", INFER, infer_body(np.zeros((65, 1, 28, 28), np.float32)), {}, 413),
     "empty body": ("POST", INFER, b"", {}, 400),
     "binary header length not a number": ("POST", INFER, _one(), {"Inference-Header-Content-Length": "ten"}, 400),
