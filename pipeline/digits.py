@@ -3,7 +3,8 @@
 MNIST digits are white on black, scaled so the longer side of the ink's bounding box is
 20 pixels (aspect ratio kept), and placed in a 28x28 frame so the ink's centre of mass
 sits in the middle (LeCun et al.). A photo or a drawing arrives at any size, on any
-background, often dark on light; we undo each difference in that order.
+background, often dark on light, and a phone's photo stored sideways with an EXIF tag that
+says which way is up; we undo each difference in that order.
 
 Only PNG and JPEG are read. Pillow can open 43 formats, and each is one more parser facing
 whatever a client sends: mutated TIFF, DDS and SPIDER files made it raise TypeError,
@@ -16,7 +17,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 
@@ -43,11 +44,12 @@ def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
 
 
 def decode(blob: bytes) -> np.ndarray:
-    """PNG or JPEG bytes -> float32 grey levels in [0, 1], shape (H, W); alpha is composited.
+    """PNG or JPEG bytes -> float32 grey levels in [0, 1], shape (H, W), upright; alpha is composited.
 
     The pixel count is checked from the header before anything is decoded, and a picture
     larger than MAX_SIDE is shrunk while still 8-bit: at most one copy of the full picture
-    is ever held (a 4096x4096 RGBA PNG: 64 MB, not the 300 MB its floats would take)."""
+    is ever held (a 4096x4096 RGBA PNG: 64 MB, not the 300 MB its floats would take). The
+    EXIF orientation is applied to the shrunk picture (a square bound fits it either way up)."""
     if not blob:
         raise ImageError("empty image")
     try:
@@ -58,6 +60,7 @@ def decode(blob: bytes) -> np.ndarray:
             alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             small = (img.convert("RGBA") if img.mode in ("P", "PA") and alpha else img).convert("LA" if alpha else "L")
         small.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)  # keeps the aspect ratio; never enlarges
+        ImageOps.exif_transpose(small, in_place=True)  # the EXIF tag travels with the converted copy
         pixels = np.asarray(small, np.float32) / 255.0
     except UnidentifiedImageError:
         raise ImageError(f"not a {' or '.join(FORMATS)} image (the only formats read)") from None

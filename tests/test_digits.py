@@ -1,4 +1,4 @@
-"""Pictures of digits -> MNIST-style input: polarity, size, background, centring, bad files."""
+"""Pictures of digits -> MNIST-style input: polarity, size, background, centring, orientation, bad files."""
 import io
 import struct
 import time
@@ -97,6 +97,38 @@ def test_a_picture_too_large_to_decode_safely_is_refused():
     blob = png(np.zeros((4100, 4100), np.uint8))  # compresses to a few kB; decoded it would be 16.8 MP
     with pytest.raises(digits.ImageError, match="at most"):
         digits.image_to_input(blob)
+
+
+# Which way EXIF orientation 1..8 says the stored pixels must be turned to be upright, undone:
+# a picture stored this way, with that tag, is the upright one once the tag is applied.
+STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def photo(digit: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
+    """A real digit as a phone stores it: dark on light, 4x larger, the pixels turned as the
+    camera held them, and an EXIF orientation tag saying how to turn them back."""
+    upright = Image.fromarray(255 - digit).resize((112, 112), Image.Resampling.BICUBIC)
+    stored = upright if STORED[orientation] is None else upright.transpose(STORED[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    out = io.BytesIO()
+    stored.save(out, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def test_phone_photos_stored_turned_with_an_exif_orientation_are_read_upright(served_model, test_split):
+    """50 real test digits, each saved as a JPEG in each of the 8 EXIF orientations (and turned a
+    quarter as a PNG, which carries EXIF too): each gives the frame and the digit of the upright photo.
+    Read as stored, the sideways and mirrored ones were mostly wrong (9 of 50 right)."""
+    images = test_split[0][:50]
+    session = runtime.open_session(runtime.load_checked(served_model))
+    upright = np.concatenate([digits.image_to_input(photo(im, 1)) for im in images])
+    for orientation, fmt in [(o, "JPEG") for o in range(2, 9)] + [(6, "PNG")]:
+        frames = np.concatenate([digits.image_to_input(photo(im, orientation, fmt)) for im in images])
+        assert np.abs(frames - upright).mean() < 0.01, (orientation, fmt)  # JPEG's blocks fall elsewhere
+        assert (session.run(frames).argmax(1) == session.run(upright).argmax(1)).all(), (orientation, fmt)
 
 
 def fuzz_seeds() -> dict[str, bytes]:
