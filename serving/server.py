@@ -11,8 +11,11 @@ Endpoints (KServe / Open Inference Protocol v2, as Triton speaks it, plus three 
     GET  /                                    a page to draw a digit on (serving/static/draw.html)
 
 The transport is not ours: uvicorn (with the h11 parser) speaks HTTP, with its limits, timeouts
-and graceful shutdown, and Starlette routes the requests (the README says what was compared).
+and graceful shutdown, and Starlette routes the requests (docs/serving.md says what was compared).
 What is ours:
+- Three things uvicorn and h11 do not (serving/transport.py): a request head over its limits is
+  refused however it arrives (431), a request with both Content-Length and Transfer-Encoding is
+  refused and its connection closed, and what is refused before the app is counted.
 - One onnxruntime session, opened after the port is bound (``/v2/health/live`` answers while it
   loads); ready once a warm-up run has answered. A ``Batcher`` runs it on one thread and joins
   the requests that queue up meanwhile into one run, up to ``max_batch`` images.
@@ -51,7 +54,7 @@ from starlette.routing import Route
 
 from pipeline import digits, evaluate, runtime
 from pipeline.errors import PipelineError
-from serving import admission, protocol
+from serving import admission, protocol, transport
 from serving.batcher import Batcher
 from serving.config import ServeConfig
 from serving.metrics import CONTENT_TYPE, Metrics
@@ -375,7 +378,9 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
         fatal.append(e)
         servers[0].should_exit = True
     config = uvicorn.Config(
-        create_app(service, on_fatal), http="h11", loop="asyncio", lifespan="on", access_log=verbose,
+        transport.refuse_ambiguous_framing(create_app(service, on_fatal), service.metrics),
+        http=transport.guarded_h11(service.metrics), h11_max_incomplete_event_size=transport.MAX_HEAD_BYTES,
+        loop="asyncio", lifespan="on", access_log=verbose,
         log_level="info" if verbose else "warning", timeout_keep_alive=cfg.idle_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=cfg.shutdown_grace_s, server_header=False, backlog=1024)  # type: ignore[arg-type]
     server = _Server(config, service)
