@@ -137,16 +137,24 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def body(self, request: Request) -> AsyncIterator[bytes]:
-        """The request's body, within the limits; its bytes count against the budget until the block ends."""
+        """The request's body, within the limits and decompressed; its bytes count against the
+        budget until the block ends."""
         request.state.body_started = True
         declared = _whole_number(request.headers.get("content-length"), "Content-Length")
+        encoding = admission.content_encoding(request.headers.get("content-encoding"))
+        inflated = 0
         try:
             async with admission.read_body(request.stream(), declared, self.cfg.max_body_bytes, self.bodies,
                                            self.cfg.body_timeout_s) as body:
                 request.state.body_read = True
+                if encoding is not None:  # zlib lets go of the GIL while it decompresses
+                    body = await asyncio.to_thread(admission.inflate, body, encoding, self.cfg.max_body_bytes)
+                    self.bodies.take(len(body))
+                    inflated = len(body)
                 self.metrics.body_bytes.set(self.bodies.used)
                 yield body
         finally:
+            self.bodies.give(inflated)
             self.metrics.body_bytes.set(self.bodies.used)
 
     async def close(self) -> None:
