@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.load import Connection, rss_mb
+from benchmarks.load import Connection, children, tree_rss
 from pipeline.machine import hardware
 from tests.helpers import REPO, free_port
 
@@ -115,13 +115,8 @@ def closed_after(port: int, trickle: bool, limit: float = 15) -> float | None:
     return None
 
 
-def tree_rss(pid: int) -> float:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return rss_mb(pid) + sum(rss_mb(int(c)) for c in children)
-
-
 def tree_cpu_s(pid: int) -> float:
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    pids = [pid, *children(pid)]
     return sum(sum(map(float, Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13])) / 100
                for p in pids)
 

@@ -18,7 +18,7 @@ One difference comes from the Prometheus client: a counter's samples end in ``_t
     mnist_http_request_duration_seconds{endpoint}      request latency (histogram)
     mnist_inference_compute_seconds                    onnxruntime run time (histogram)
     mnist_inference_batch_size                         images per onnxruntime run (histogram)
-    mnist_rejected_requests_total{reason}              503s: not_ready, queue_full, memory
+    mnist_rejected_requests_total{reason}              503s: not_ready, queue_full, memory, parser
     mnist_request_body_bytes_in_memory                 bytes of request bodies held now
     mnist_model_load_seconds                           model load + warm-up time
 

@@ -23,6 +23,8 @@ What is ours:
   budget shared by all requests (``body_memory_bytes``); a request takes a place among the
   ``max_concurrency`` inference requests only once its body is read and parsed, so slow or idle
   clients never hold one. Beyond either limit: 503 at once, with Retry-After.
+- JSON bodies over ``parse_inline_bytes`` are parsed in a worker process (serving/parsing.py),
+  so a burst of large bodies never stalls the event loop and the small requests behind it.
 - A client's mistake is a 4xx with a JSON ``error``; a bug of ours is a 500, logged with its traceback.
 - SIGTERM/SIGINT: readiness turns false, the port stops accepting, requests in flight finish (up
   to ``shutdown_grace_s``), idle keep-alive connections close.
@@ -54,7 +56,7 @@ from starlette.routing import Route
 
 from pipeline import digits, evaluate, runtime
 from pipeline.errors import PipelineError
-from serving import admission, protocol, transport
+from serving import admission, parsing, protocol, transport
 from serving.batcher import Batcher
 from serving.config import ServeConfig
 from serving.metrics import CONTENT_TYPE, Metrics
@@ -81,6 +83,7 @@ class Service:
         self.bodies = admission.BodyBudget(cfg.body_memory_bytes)
         self.slots = admission.Slots(cfg.max_concurrency)
         self.decoding = asyncio.Semaphore(1)  # one picture decoded at a time: its pixels are the big cost
+        self.parser = parsing.Parser(cfg.parse_inline_bytes)  # large JSON bodies: in a worker process
         self.ready = self.draining = False
         self.cut_off = 0  # requests cancelled when the shutdown grace ran out
         # set by start(), before the service is ready: no request reaches them earlier
@@ -109,7 +112,7 @@ class Service:
     async def start(self) -> float:
         """Open the session and warm it up; only then is the service ready. Returns the seconds taken."""
         t0 = time.perf_counter()
-        await asyncio.to_thread(self._open)
+        await asyncio.gather(asyncio.to_thread(self._open), self.parser.warm_up())
         self.metrics.loading(self.spec.version)
         # Without batching, each request runs alone: a batch limit of 1 image never joins two jobs.
         self.batcher = Batcher(self.session.run, self.cfg.max_batch if self.cfg.batching else 1,
@@ -160,6 +163,7 @@ class Service:
     async def close(self) -> None:
         if hasattr(self, "batcher"):
             await self.batcher.close()
+        await asyncio.to_thread(self.parser.close)
 
 
 def _whole_number(value: str | None, header: str) -> int | None:
@@ -277,7 +281,7 @@ class Api:
         header_length = _whole_number(request.headers.get("inference-header-content-length"),
                                       "Inference-Header-Content-Length")
         async with svc.body(request) as body:
-            parsed = protocol.parse_infer(body, svc.spec, svc.cfg.max_batch, header_length)
+            parsed = await svc.parser.parse(body, svc.spec, svc.cfg.max_batch, header_length)
         answer, json_length = protocol.infer_response(svc.spec, await svc.infer(parsed.x), parsed)
         if json_length is None:
             return Response(answer, media_type="application/json")

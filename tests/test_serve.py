@@ -369,6 +369,42 @@ def test_slow_clients_never_cost_valid_requests_a_503(served_model):
         assert len(statuses) > 100 and set(statuses) == {200}, sorted(set(statuses))
 
 
+@pytest.mark.integration
+def test_small_requests_are_answered_while_a_large_body_is_parsed(served_model):
+    """A 16 MiB JSON body (4 million numbers: seconds for orjson, which holds the GIL throughout)
+    is parsed in the worker process: 20 single-digit requests sent once the server holds it are
+    all answered before it is. Before, the parse ran on the event loop and they waited for it."""
+    big = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": ['
+           + b"0.0," * (4 * 2**20 - 100) + b"0.0]}]}")
+    finished: list[tuple[int, dict]] = []
+    with SpawnedServer(served_model, "--name", NAME) as s:  # the default body limit, 16 MiB
+        upload = threading.Thread(target=lambda: finished.append(call(s.url, "POST", INFER, big, timeout=120)[:2]))
+        upload.start()
+        # until the server holds the whole body and parses it; on the event loop, this wait
+        # lasted until the parse was over
+        while not finished and _metric_lines(s.url, "mnist_request_body")["mnist_request_body_bytes_in_memory"] \
+                < len(big):
+            time.sleep(0.01)
+        small = [(call(s.url, "POST", INFER, _one())[0], bool(finished)) for _ in range(20)]
+        upload.join()
+    assert finished[0][0] == 400 and "4194205 values" in finished[0][1]["error"], finished
+    assert small == [(200, False)] * 20, small  # each answered while the large body was still parsed
+
+
+@pytest.mark.integration
+def test_a_killed_parsing_worker_costs_one_503_and_is_replaced(server):
+    import psutil
+    worker = next(c for c in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(c.cmdline()))
+    worker.kill()  # as the kernel's OOM killer would
+    worker.wait(10)
+    large = _one().replace(b'"data": [', b'"data": [' + b"0.5, " * 100_000)  # 500 KB: parsed in the worker
+    status, r, headers = call(server.url, "POST", INFER, large)
+    assert status == 503 and "restarted" in r["error"] and headers["Retry-After"] == "1", r
+    status, r, _ = call(server.url, "POST", INFER, large)
+    assert status == 400 and "100784 values" in r["error"], r  # the new worker's answer
+    assert call(server.url, "POST", INFER, _one())[0] == 200
+
+
 def test_a_body_that_stalls_gets_408_after_the_body_deadline(served_model):
     body = _one()
     with SpawnedServer(served_model, "--name", NAME, "--body-timeout-s", "1") as s:
