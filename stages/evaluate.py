@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
     tracker = Tracker.resume(args.run_id)
     tracker.log_metrics({f"eval_{k}": v for k, v in report.items() if k != "provider"})
     tracker.tag_model_versions({"eval_accuracy": report["accuracy"], "eval_errors": report["errors"]})
+    tracker.champion_if_none()  # the first version evaluated: models:/<name>@champion exists from then on
     for path in (args.confusion_png, args.misclassified):
         tracker.log_artifact(path, "evaluate")
     print(f"onnxruntime ({session.label}) test accuracy {report['accuracy']:.4f} "

@@ -6,6 +6,7 @@ from the spool later, with its original timestamps and steps.
     {"op": "log_artifact", "file", "folder"}
     {"op": "log_onnx_model", "model", "example", "registered_name", "version_tags"}
     {"op": "tag_model_versions", "tags"}
+    {"op": "champion_if_none"}
 
 ``FILE_FIELDS`` name the fields that point at files: the spool keeps copies of those.
 """
@@ -39,6 +40,8 @@ def apply(op: dict, run_id: str | None) -> str | None:
                                 op.get("version_tags") or {})
     elif kind == "tag_model_versions":
         registry.tag_model_versions(mlflow_client, run_id, op["tags"])
+    elif kind == "champion_if_none":
+        registry.champion_if_none(mlflow_client, run_id)
     else:
         raise ValueError(f"unknown tracking operation {kind!r}")
     return run_id
