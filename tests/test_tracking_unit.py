@@ -219,7 +219,7 @@ def test_the_documented_mlflow_serving_command_serves_the_champion_without_the_v
 
     from pipeline import contract, export, runtime
     from pipeline.model import ModelConfig, Net
-    from tests.helpers import REPO
+    from tests.helpers import REPO, wait_until_answers
     from tracking import registry
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
@@ -238,14 +238,7 @@ def test_the_documented_mlflow_serving_command_serves_the_champion_without_the_v
     proc = subprocess.Popen([str(REPO / "scripts/mlflow_serve.sh")], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", proc, 180, (tmp_path / "serve.log").read_text)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          json.dumps({"inputs": x.tolist()}).encode(),
                                          {"Content-Type": "application/json"})
