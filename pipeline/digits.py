@@ -8,7 +8,8 @@ says which way is up; we undo each difference in that order.
 
 Only PNG and JPEG are read. Pillow can open 43 formats, and each is one more parser facing
 whatever a client sends: mutated TIFF, DDS and SPIDER files made it raise TypeError,
-NotImplementedError and AttributeError, not the errors it documents. So it is told which
+NotImplementedError and AttributeError (the fuzz tests in tests/test_digits.py and
+tests/test_serve.py find the last two), not the errors it documents. So it is told which
 formats to try, and whatever its decoders raise on a client's bytes is an ``ImageError``.
 """
 from __future__ import annotations

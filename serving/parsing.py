@@ -1,8 +1,9 @@
 """Large request bodies are parsed in a worker process, so that the event loop keeps answering.
 
 orjson parses a body in one call that holds the GIL from start to end (16 MiB of JSON numbers:
-about 2 s here, with the checks after it), so a thread would stall the event loop as much as
-parsing on it did: while 64 such bodies were parsed, a single-digit request waited up to 1.12 s.
+2 to 3 s on the 2-core test machine), so a thread would stall the event loop as much as parsing
+on it did: while 64 such bodies arrived, a single-digit request's p99 was 3,103 ms, now 45 ms
+(benchmarks.load --scenarios memory, docs/serving.md).
 A process has a GIL of its own. A body whose JSON is at most ``inline_bytes`` (a single-digit
 request is 5 KB and parses in 18 us) is parsed on the event loop, where it costs less than the
 trip to the worker and back; a larger one goes to one worker process (``concurrent.futures``),
