@@ -118,6 +118,7 @@ def photo(digit: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.integration  # the served_model fixture trains a model
 def test_phone_photos_stored_turned_with_an_exif_orientation_are_read_upright(served_model, test_split):
     """50 real test digits, each saved as a JPEG in each of the 8 EXIF orientations (and turned a
     quarter as a PNG, which carries EXIF too): each gives the frame and the digit of the upright photo.

@@ -145,6 +145,7 @@ def test_digit_endpoint_reads_a_picture(server, test_split):
     assert abs(sum(r["probabilities"]) - 1) < 1e-4 and r["model_version"] and r["model_name"] == NAME
 
 
+@pytest.mark.integration
 def test_mutated_pictures_of_many_formats_never_get_a_5xx(server):
     """1,000 of test_digits' mutated PNG, JPEG, TIFF, DDS and SPIDER files (the formats the issue
     found 500s with), on one keep-alive connection: each is read (200) or refused with a message
@@ -262,6 +263,7 @@ def test_broken_http_gets_one_4xx(server, request_head, statuses):
     assert alive(server.url)
 
 
+@pytest.mark.integration
 def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(server):
     """RFC 9112, 6.1: the server must close the connection after such a request. Before, it was
     answered as chunked and the connection kept: the request after it, here smuggled in the
@@ -273,6 +275,7 @@ def test_content_length_with_transfer_encoding_is_refused_and_the_connection_clo
     assert b"Transfer-Encoding" in answer and _responses(answer) == 1 and closed, answer
 
 
+@pytest.mark.integration
 def test_a_head_of_10000_headers_in_one_write_gets_431_also_after_another_request(server):
     """h11's 16 KiB limit held only for a head that arrives in pieces: 10,000 headers (97 KiB)
     in one write were parsed whole and answered 200 (the issue's 106 KiB alike). Now 431 (or
@@ -294,6 +297,7 @@ def _metric_lines(url: str, prefix: str) -> dict[str, float]:
             if line.startswith(prefix) and not line.startswith("#")}
 
 
+@pytest.mark.integration
 def test_random_methods_leave_the_number_of_metric_series_bounded(server):
     """300 requests with made-up methods (10 of them 8,000 characters long) to known and unknown
     paths: at most two new series ("other" with 404 and with 405). Before, each method was a
@@ -312,6 +316,7 @@ def test_random_methods_leave_the_number_of_metric_series_bounded(server):
     assert sum(after.values()) - sum(before.values()) >= 300  # every one counted, under "other"
 
 
+@pytest.mark.integration
 def test_requests_refused_before_the_app_are_counted_and_open_connections_are_a_gauge(server):
     refused = 'mnist_http_refused_requests_total{reason="malformed"}'
     before = _metric_lines(server.url, "mnist_http_")
@@ -601,6 +606,7 @@ def test_tritonclient_speaks_to_the_service(server, served_model, test_split):
         client.close()
 
 
+@pytest.mark.integration
 def test_tritonclient_compressed_requests_are_answered_and_a_gzip_bomb_is_refused(server, served_model, test_split):
     """tritonclient's request_compression_algorithm (gzip, deflate), with JSON and binary data,
     gives the same logits as onnxruntime; before, gzip got 400 "not valid UTF-8". A gzip bomb is
