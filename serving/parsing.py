@@ -18,18 +18,28 @@ new worker takes the next one.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from serving import admission, protocol
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
-def _ignore_interrupts() -> None:
-    """The worker's initializer: Ctrl-C reaches the whole process group, and only the service
-    should act on it (it shuts the worker down itself)."""
+
+def _worker_init(parent: int) -> None:
+    """The worker's initializer. Ctrl-C reaches the whole process group, and only the service
+    acts on it (it shuts the worker down itself); and the worker ends with the service, also one
+    killed with SIGKILL, which would otherwise leave it behind (Linux; elsewhere it stays)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the service died before that took effect
+            os._exit(0)
 
 
 def _ready() -> bool:
@@ -46,7 +56,8 @@ class Parser:
 
     @staticmethod
     def _start() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(os.getpid(),))
 
     async def warm_up(self) -> None:
         """Wait until the worker has started and can take a body."""

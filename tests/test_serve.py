@@ -410,6 +410,18 @@ def test_a_killed_parsing_worker_costs_one_503_and_is_replaced(server):
     assert call(server.url, "POST", INFER, _one())[0] == 200
 
 
+@pytest.mark.integration
+def test_the_parsing_worker_ends_with_the_service_even_when_it_is_killed(served_model):
+    import psutil
+    with SpawnedServer(served_model, "--name", NAME) as s:
+        workers = psutil.Process(s.proc.pid).children()  # the parsing worker, and multiprocessing's tracker
+        assert any("spawn_main" in " ".join(w.cmdline()) for w in workers), [w.cmdline() for w in workers]
+        s.proc.kill()
+        s.wait(timeout=10)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [w.cmdline() for w in alive]
+
+
 def test_a_body_that_stalls_gets_408_after_the_body_deadline(served_model):
     body = _one()
     with SpawnedServer(served_model, "--name", NAME, "--body-timeout-s", "1") as s:
