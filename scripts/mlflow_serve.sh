@@ -3,7 +3,7 @@
 #   ./scripts/mlflow_serve.sh [MODEL_URI]    default: models:/mnist-cnn-onnx@champion
 # It is `mlflow models serve -m MODEL_URI --env-manager local` on this project's store, with the
 # virtualenv's bin/ first on PATH: MLflow starts its server as `uvicorn` found on PATH, so
-# without it (the virtualenv not activated) the command dies with "uvicorn: not found".
+# without it (the virtualenv not activated) the command dies with "exec: uvicorn: not found".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
