@@ -7,15 +7,20 @@ behind the choice of uvicorn with its h11 parser (README, "Our inference service
 Each server runs the same minimal ASGI app (read the body, answer its length; a body over
 1,000 bytes is refused with 413 before it is read) on 127.0.0.1 and gets, in turn:
 an HTTP/0.9 request, two different Content-Lengths, a Content-Length in Unicode digits, a
-GET whose body is another request (smuggling: how many answers come back), Expect:
-100-continue on a body too large (is 100 sent before the 413?), a connection that sends
-nothing, one that sends a header a byte at a time, an endless stream of headers (memory
-growth), and 32 clients posting 6 KB bodies for 5 s (requests/s, p99, server CPU per request).
+GET whose body is another request (smuggling: how many answers come back), a request with
+both Content-Length and Transfer-Encoding followed by another (how many answers; is the
+connection closed, as RFC 9112 6.1 requires?), Expect: 100-continue on a body too large (is
+100 sent before the 413?), a connection that sends nothing, one that sends a header a byte at
+a time, an endless stream of headers (memory growth), 10,000 headers (97 KiB) in one write
+(the answer, and the server's CPU per such request), and 32 clients posting 6 KB bodies for
+5 s (requests/s, p99, server CPU per request). Beside the candidates, uvicorn + h11 as the
+service runs it: behind serving/transport.py's guards.
 The numbers are for this machine (the CPU is printed) and the candidates' versions.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import shutil
 import socket
 import subprocess
@@ -25,9 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.load import Connection, rss_mb
+from benchmarks.load import Connection, children, tree_rss
 from pipeline.machine import hardware
-from tests.helpers import free_port
+from tests.helpers import REPO, free_port
 
 APP = '''
 async def app(scope, receive, send):
@@ -56,10 +61,23 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": out})
 '''
 
+GUARDED = f'''
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from app import app as plain
+from serving.metrics import Metrics
+from serving.transport import guarded_h11, refuse_ambiguous_framing
+metrics = Metrics("bench")
+app = refuse_ambiguous_framing(plain, metrics)
+Protocol = guarded_h11(metrics)
+'''
+
 CANDIDATES = {  # name: (module that must be importable, command; {port} is filled in)
     "uvicorn + httptools": ("httptools", ["uvicorn", "app:app", "--http", "httptools", "--no-access-log",
                                           "--port", "{port}"]),
     "uvicorn + h11": ("h11", ["uvicorn", "app:app", "--http", "h11", "--no-access-log", "--port", "{port}"]),
+    "uvicorn + h11 + serving/transport.py": ("h11", ["uvicorn", "guarded:app", "--http", "guarded:Protocol",
+                                                     "--no-access-log", "--port", "{port}"]),
     "hypercorn": ("hypercorn", ["hypercorn", "app:app", "-b", "127.0.0.1:{port}"]),
     "granian": ("granian", ["granian", "--interface", "asgi", "app:app", "--workers", "1",
                             "--http1-header-read-timeout", "5000", "--port", "{port}"]),
@@ -97,13 +115,8 @@ def closed_after(port: int, trickle: bool, limit: float = 15) -> float | None:
     return None
 
 
-def tree_rss(pid: int) -> float:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return rss_mb(pid) + sum(rss_mb(int(c)) for c in children)
-
-
 def tree_cpu_s(pid: int) -> float:
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    pids = [pid, *children(pid)]
     return sum(sum(map(float, Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13])) / 100
                for p in pids)
 
@@ -126,6 +139,38 @@ def endless_headers(port: int, pid: int) -> str:
         except (TimeoutError, OSError):
             answer = "no answer"
     return f"{answer} after {sent:,} KB; RSS +{grown:.0f} MB"
+
+
+def framing_both(port: int) -> str:
+    """Content-Length and Transfer-Encoding in one request, then a second request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                  b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        out, closed = b"", False
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+            closed = True
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    statuses = ", ".join(status.decode() for status in re.findall(rb"HTTP/1.1 (\d{3})", out))
+    return f"{statuses or 'no answer'}; {'closed' if closed else 'kept open'}"
+
+
+def many_headers(port: int, pid: int, times: int = 20) -> str:
+    """10,000 headers in one write (97 KiB, one read for the server), ``times`` times: the
+    answer, and the server's CPU per request."""
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(10_000)) + b"\r\n"
+    cpu0 = tree_cpu_s(pid)
+    answers = set()
+    for _ in range(times):
+        try:
+            answers.add(raw(port, head, 2).split(b"\r\n")[0].decode(errors="replace") or "closed")
+        except ConnectionResetError:
+            answers.add("reset")
+    return f"{' / '.join(sorted(answers))}; {(tree_cpu_s(pid) - cpu0) / times * 1e3:.1f} ms CPU each"
 
 
 def load(port: int, pid: int, clients: int = 32, seconds: float = 5) -> dict:
@@ -178,12 +223,14 @@ def probe(name: str, command: list[str], folder: Path) -> dict:
                                                 .encode("latin-1"))),
             "GET with a request as body: answers": raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                                                        % len(smuggle) + smuggle, 2).count(b"HTTP/1.1 "),
+            "Content-Length + Transfer-Encoding, then a request": framing_both(port),
             "100-continue, body too large": first_line(raw(port, b"POST /small HTTP/1.1\r\nHost: x\r\n"
                                                                  b"Expect: 100-continue\r\n"
                                                                  b"Content-Length: 5000000\r\n\r\n", 2)),
             "silent connection closed after (s)": closed_after(port, trickle=False) or "> 15",
             "header a byte/s closed after (s)": closed_after(port, trickle=True) or "> 15",
             "20 MB of headers": endless_headers(port, proc.pid),
+            "10,000 headers in one write": many_headers(port, proc.pid),
             **load(port, proc.pid),
         }
     finally:
@@ -194,6 +241,7 @@ def probe(name: str, command: list[str], folder: Path) -> dict:
 def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="http-servers-"))
     (folder / "app.py").write_text(APP)
+    (folder / "guarded.py").write_text(GUARDED)
     results = {}
     for name, (module, command) in CANDIDATES.items():
         try:

@@ -15,7 +15,9 @@ server's resident memory, and runs these phases, each on a fresh server:
               (70 an infer request's body, 30 a header that never ends): valid requests
               should keep getting 200, and their p99 says what the attack costs;
 4. memory:    64 clients upload a request of the server's largest body size (16 MiB of JSON
-              numbers) at once, three times: the peak resident memory is the worst case;
+              numbers) at once, three times: the peak resident memory (the server's and its
+              worker's) is the worst case; meanwhile one client sends single-digit requests,
+              whose p99 is set beside the same client's on the quiet server just before;
 5. pictures:  16 clients POST /digit a 4096 x 4096 PNG (tens of KB) at once, three times;
 6. unbatched: the JSON load with --no-batching (--compare-unbatched);
 7. overload:  the JSON load against a server allowing --overload-concurrency requests:
@@ -56,6 +58,15 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def tree_rss(pid: int) -> float:
+    """Resident memory of ``pid`` and its child processes (the service's parsing worker), MB."""
+    return rss_mb(pid) + sum(rss_mb(c) for c in children(pid))
 
 
 def infer_bodies(data_dir: Path | None, count: int, per_request: int = 1,
@@ -108,8 +119,8 @@ class Connection(http.client.HTTPConnection):
 
 
 def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[int]]], clients: int, seconds: float,
-                timeout_s: float = 10.0, on_tick=None) -> dict:
-    """``clients`` threads with one keep-alive connection each, for ``seconds``."""
+                timeout_s: float = 10.0, on_tick=None, until: Callable[[], bool] = lambda: False) -> dict:
+    """``clients`` threads with one keep-alive connection each, for ``seconds`` or until ``until()``."""
     target = urllib.parse.urlsplit(url)
     path = f"/v2/models/{model_name}/infer"
     lock = threading.Lock()
@@ -122,7 +133,7 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
     def client(k: int) -> None:
         conn = Connection(target.hostname or "127.0.0.1", target.port, timeout=timeout_s)
         i = k
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at and not until():
             body, headers, labels = bodies[i % len(bodies)]
             i += clients
             t0 = time.perf_counter()
@@ -173,10 +184,11 @@ def run_clients(url: str, model_name: str, bodies: list[tuple[bytes, dict, list[
 
 
 class Sampler:
-    """The server's resident memory, sampled every 20 ms on a thread while the phase runs."""
+    """The server's resident memory (with its child processes), sampled every 20 ms on a thread
+    while the phase runs."""
 
     def __init__(self, pid: int):
-        self.pid, self.samples = pid, [(0.0, rss_mb(pid))]
+        self.pid, self.samples = pid, [(0.0, tree_rss(pid))]
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -185,7 +197,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             try:
-                self.samples.append((time.perf_counter() - self._t0, rss_mb(self.pid)))
+                self.samples.append((time.perf_counter() - self._t0, tree_rss(self.pid)))
             except (OSError, RuntimeError):
                 return  # the server has gone
 
@@ -268,13 +280,27 @@ def burst(url: str, path: str, body: bytes, content_type: str, clients: int, rou
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def big_bodies(url: str, model_name: str, size: int, clients: int = 64, rounds: int = 3) -> dict:
+def big_bodies(url: str, model_name: str, size: int, probe: list[tuple[bytes, dict, list[int]]],
+               clients: int = 64, rounds: int = 3, quiet_s: float = 5.0) -> dict:
     """``clients`` uploads of a ``size``-byte JSON infer request at once, ``rounds`` times:
-    the worst case for the server's memory (each parses into millions of numbers)."""
+    the worst case for the server's memory (each parses into millions of numbers). One more
+    client sends the ``probe`` requests back to back, for ``quiet_s`` before the burst and then
+    until it ends: what the burst does to a valid request's latency."""
     values = (size - 200) // 4
     body = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": ['
             + b"0.0," * (values - 1) + b"0.0]}]}")
-    return burst(url, f"/v2/models/{model_name}/infer", body, "application/json", clients, rounds)
+    quiet = run_clients(url, model_name, probe, 1, quiet_s)
+    result: dict = {}
+    uploads = threading.Thread(target=lambda: result.update(
+        burst(url, f"/v2/models/{model_name}/infer", body, "application/json", clients, rounds)))
+    uploads.start()
+    during = run_clients(url, model_name, probe, 1, 3600, until=lambda: not uploads.is_alive())
+    uploads.join()
+    keys = ("ok", "rejected_503", "error_count", "p50_ms", "p99_ms")
+    result.update(probe_quiet={k: quiet[k] for k in keys}, probe_burst={k: during[k] for k in keys})
+    if quiet["p99_ms"] and during["p99_ms"]:
+        result["probe_p99_ratio"] = round(during["p99_ms"] / quiet["p99_ms"], 1)
+    return result
 
 
 def big_pictures(url: str, data_dir: Path | None, clients: int = 16, rounds: int = 3, side: int = 4096) -> dict:
@@ -381,7 +407,8 @@ def main() -> None:
                 "json": ([], load(json_bodies), args.seconds),
                 "binary": ([], load(binary_bodies), args.seconds),
                 "slowloris": ([], under_attack, args.seconds),
-                "memory": ([], lambda url, tick: big_bodies(url, args.name, 16 * 2**20), None),
+                "memory": ([], lambda url, tick: big_bodies(url, args.name, 16 * 2**20, json_bodies,
+                                                            quiet_s=min(args.seconds, 10.0)), None),
                 "pictures": ([], lambda url, tick: big_pictures(url, args.data), None)}
         runs = {k: v for k, v in plan.items() if k in scenarios}
         if args.compare_unbatched:
@@ -403,6 +430,11 @@ def main() -> None:
         if "statuses" in r:
             print(f"{k}: {r['clients']} clients x {r['rounds']} bodies of {r['body_bytes']:,} bytes: {r['statuses']}, "
                   f"peak RSS {r['rss_max_mb']} MB")
+        if "probe_burst" in r:
+            quiet, during = r["probe_quiet"], r["probe_burst"]
+            print(f"{k}: a single-digit request meanwhile: p99 {during['p99_ms']} ms ({during['ok']} answered, "
+                  f"{during['rejected_503']} x 503, {during['error_count']} errors), against {quiet['p99_ms']} ms "
+                  f"on the quiet server just before: {r.get('probe_p99_ratio', '?')}x")
     if args.baseline and not args.url:
         now, then = "({})".format("now"), f"({args.baseline})"
         for label, field in (("json", "throughput_rps"), ("binary", "images_per_s"), ("slowloris", "ok")):

@@ -21,11 +21,12 @@ LABELS = tuple(str(d) for d in range(CLASSES))
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # MNIST's two splits
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 DEFAULT_MODEL = Path("models/model.onnx")  # what the commands load when not told (dvc.yaml's export out)
+PIXELS = (0.0, 1.0)  # the range of every input value; the service refuses a request outside it
 PRODUCER = "mnist-onnx"  # the model file's producer_name: this project
 # The contract as the model file states it (its metadata_props, beside the provenance).
 INPUT_CONTRACT = {
     "input_name": INPUT_NAME, "input_shape": f"N,1,{SIDE},{SIDE}", "input_layout": "NCHW",
-    "input_dtype": "float32", "input_range": "[0, 1] (MNIST pixels / 255)",
+    "input_dtype": "float32", "input_range": f"[{PIXELS[0]:g}, {PIXELS[1]:g}] (MNIST pixels / 255)",
     "input_polarity": "white digit on black", "output_name": OUTPUT_NAME, "output": "logits, one per label",
     "labels": ",".join(LABELS),
 }

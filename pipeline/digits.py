@@ -3,7 +3,14 @@
 MNIST digits are white on black, scaled so the longer side of the ink's bounding box is
 20 pixels (aspect ratio kept), and placed in a 28x28 frame so the ink's centre of mass
 sits in the middle (LeCun et al.). A photo or a drawing arrives at any size, on any
-background, often dark on light; we undo each difference in that order.
+background, often dark on light, and a phone's photo stored sideways with an EXIF tag that
+says which way is up; we undo each difference in that order.
+
+Only PNG and JPEG are read. Pillow can open 43 formats, and each is one more parser facing
+whatever a client sends: mutated TIFF, DDS and SPIDER files made it raise TypeError,
+NotImplementedError and AttributeError (the fuzz tests in tests/test_digits.py and
+tests/test_serve.py find the last two), not the errors it documents. So it is told which
+formats to try, and whatever its decoders raise on a client's bytes is an ``ImageError``.
 """
 from __future__ import annotations
 
@@ -11,11 +18,12 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import contract
 from pipeline.errors import PipelineError
 
+FORMATS = ("PNG", "JPEG")  # what the service and commands.predict read; nothing else is even identified
 MAX_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
 MAX_SIDE = 1024  # larger pictures are shrunk to this before any arithmetic: a digit needs no more
 INK_THRESHOLD = 0.2  # fraction of full intensity that counts as ink when cropping
@@ -38,28 +46,30 @@ def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
 
 
 def decode(blob: bytes) -> np.ndarray:
-    """PNG/JPEG/... bytes -> float32 grey levels in [0, 1], shape (H, W); alpha is composited.
+    """PNG or JPEG bytes -> float32 grey levels in [0, 1], shape (H, W), upright; alpha is composited.
 
     The pixel count is checked from the header before anything is decoded, and a picture
     larger than MAX_SIDE is shrunk while still 8-bit: at most one copy of the full picture
-    is ever held (a 4096x4096 RGBA PNG: 64 MB, not the 300 MB its floats would take)."""
+    is ever held (a 4096x4096 RGBA PNG: 64 MB, not the 300 MB its floats would take). The
+    EXIF orientation is applied to the shrunk picture (a square bound fits it either way up)."""
     if not blob:
         raise ImageError("empty image")
     try:
-        with Image.open(io.BytesIO(blob)) as img:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"image is {img.width}x{img.height}; at most {MAX_PIXELS:,} pixels")
             img.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
             alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             small = (img.convert("RGBA") if img.mode in ("P", "PA") and alpha else img).convert("LA" if alpha else "L")
         small.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)  # keeps the aspect ratio; never enlarges
+        ImageOps.exif_transpose(small, in_place=True)  # the EXIF tag travels with the converted copy
         pixels = np.asarray(small, np.float32) / contract.PIXEL_MAX
     except UnidentifiedImageError:
-        raise ImageError("not an image: the bytes are no PNG, JPEG or other format Pillow reads") from None
-    except ImageError:
+        raise ImageError(f"not a {' or '.join(FORMATS)} image (the only formats read)") from None
+    except (ImageError, MemoryError):  # ours; and running out of memory is not the client's mistake
         raise
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"the image could not be decoded ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on a client's bytes is the bytes' fault
+        raise ImageError(f"the image could not be decoded ({type(e).__name__}: {str(e)[:200]})") from None
     if not alpha:
         return pixels
     grey, opacity = pixels[..., 0], pixels[..., 1]

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline import checkpoint, contract, data, distributed
 from pipeline.distributed import World
+from pipeline.errors import PipelineError
 from pipeline.model import ModelConfig, Net
 from pipeline.params import require
 
@@ -60,13 +61,20 @@ class TrainConfig:
                 "a whole number >= 1, or auto (one per GPU)")
 
 
+class DeviceError(PipelineError, RuntimeError):
+    """The device asked for cannot train here: the user's setting, not a bug."""
+
+
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device. ``cuda`` where PyTorch sees none is refused, not run
+    on the CPU instead: a training asked for on a GPU would otherwise take hours unannounced."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but PyTorch sees no CUDA device "
-                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                           "use device: auto or cpu")
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise DeviceError(f"train.device='cuda' but PyTorch sees no CUDA device (torch {torch.__version__}, "
+                          f"{built}); set train.device to auto (a GPU when there is one, else the CPU) or cpu, "
+                          "e.g. dvc exp run -S train.device=auto")
     return torch.device(name)
 
 

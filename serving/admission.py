@@ -10,12 +10,17 @@ Two separate resources, so that a slow client can never starve inference:
   once its body is read and parsed, so an open connection, an idle client or a slow upload
   costs a coroutine and a socket, never a place in the inference queue.
 
+A compressed body (``Content-Encoding: gzip`` or ``deflate``, as Triton and its clients send
+them) is held to the same ``max_bytes`` once decompressed (``inflate``), and its decompressed
+bytes count against the budget too.
+
 Both live on the event loop's thread; nothing here locks.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import AsyncIterable, AsyncIterator
 
 from pipeline.errors import PipelineError
@@ -78,6 +83,41 @@ async def read_body(chunks: AsyncIterable[bytes], declared: int | None, max_byte
         yield body
     finally:
         budget.give(held)
+
+
+# Content-Encoding -> zlib's wbits: a gzip member, or a zlib stream (what HTTP calls "deflate",
+# and what tritonclient's request_compression_algorithm="deflate" sends, as Triton reads it)
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_encoding(header: str | None) -> str | None:
+    """The body's encoding from its Content-Encoding header: None for none (or identity);
+    one we cannot decode is refused with 415 before the body is read."""
+    encoding = (header or "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ENCODINGS:
+        raise RequestError(f"Content-Encoding {header!r} is not supported; send the body as is, or compressed "
+                           f"with one of {', '.join(ENCODINGS)}", status=415)
+    return encoding
+
+
+def inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """A gzip or deflate body, decompressed to at most ``max_bytes``: a bomb (16 MiB of zeros is
+    16 KB of gzip) is refused with 413 once its output passes the limit, never decompressed whole."""
+    stream = zlib.decompressobj(ENCODINGS[encoding])
+    try:
+        out = stream.decompress(body, max_bytes + 1)  # stops there, whatever is left of the input
+    except zlib.error as e:
+        raise RequestError(f"the body is not valid {encoding} data ({e})") from None
+    if len(out) > max_bytes:
+        raise RequestError(f"the body decompressed is over the limit of {max_bytes:,} bytes "
+                           f"({len(body):,} bytes of {encoding})", status=413)
+    if not stream.eof:
+        raise RequestError(f"the {encoding} body is cut short ({len(body):,} bytes)")
+    if stream.unused_data:
+        raise RequestError(f"{len(stream.unused_data):,} bytes follow the end of the {encoding} data")
+    return out
 
 
 class Slots:

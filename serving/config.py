@@ -35,6 +35,8 @@ class ServeConfig:
     body_memory_bytes: int = _setting(128 * 2**20, "request bodies held in memory, all requests together; "
                                                    "beyond it, 503")
     body_timeout_s: float = _setting(30.0, "a body must arrive whole within this; else 408")
+    parse_inline_bytes: int = _setting(256 * 1024, "JSON up to this is parsed on the event loop; larger bodies in a "
+                                                   "worker process, one at a time, so the loop keeps answering")
     idle_timeout_s: float = _setting(15.0, "a keep-alive connection silent this long is closed")
     shutdown_grace_s: float = _setting(30.0, "how long requests in flight may take to finish at shutdown")
     site: str = _setting("", "a static site folder to serve at / (the web stage's models/web: the page then runs "
@@ -49,6 +51,8 @@ class ServeConfig:
         require(self.max_body_bytes >= 1024, "serve.max_body_bytes", self.max_body_bytes, "at least 1024")
         require(self.body_memory_bytes >= self.max_body_bytes, "serve.body_memory_bytes", self.body_memory_bytes,
                 f"at least serve.max_body_bytes ({self.max_body_bytes}), or no full-size body is ever accepted")
+        require(self.parse_inline_bytes >= 0, "serve.parse_inline_bytes", self.parse_inline_bytes,
+                "a whole number of bytes >= 0 (0 = every body in the worker)")
         require(self.body_timeout_s > 0, "serve.body_timeout_s", self.body_timeout_s, "a number > 0")
         require(self.idle_timeout_s > 0, "serve.idle_timeout_s", self.idle_timeout_s, "a number > 0")
         require(self.shutdown_grace_s >= 0, "serve.shutdown_grace_s", self.shutdown_grace_s, "a number >= 0")

@@ -12,12 +12,20 @@ One difference comes from the Prometheus client: a counter's samples end in ``_t
     nv_inference_compute_infer_duration_us             cumulative onnxruntime time
     nv_inference_pending_request_count                 requests queued for the model now
     mnist_http_requests_total{endpoint,method,status}  every HTTP request the app answered
+    mnist_http_refused_requests_total{reason}          refused before the app saw them (serving/transport.py):
+                                                       malformed, headers_too_large, ambiguous_framing
+    mnist_http_open_connections                        HTTP connections open now
     mnist_http_request_duration_seconds{endpoint}      request latency (histogram)
     mnist_inference_compute_seconds                    onnxruntime run time (histogram)
     mnist_inference_batch_size                         images per onnxruntime run (histogram)
-    mnist_rejected_requests_total{reason}              503s: not_ready, queue_full, memory
+    mnist_rejected_requests_total{reason}              503s: not_ready, queue_full, memory, parser
     mnist_request_body_bytes_in_memory                 bytes of request bodies held now
     mnist_model_load_seconds                           model load + warm-up time
+
+Every label value is one of a known few: what a client sends (its method) is a label only if
+it is a known method, else ``other``. A label that takes any value a client sends is a series
+per value, kept until restart: 300 made-up methods made 300 series (tests/test_serve.py; the
+issue that found it measured 3,000 methods of 8,000 characters making /metrics 24 MB).
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# RFC 9110's methods and PATCH: the method label's values; any other method is counted as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"})
+REFUSED = ("malformed", "headers_too_large", "ambiguous_framing")  # why serving/transport.py refused a request
 disable_created_metrics()  # no *_created samples: they double the page and no dashboard reads them
 
 
@@ -63,6 +74,11 @@ class Metrics:
         self.body_bytes = Gauge("mnist_request_body_bytes_in_memory", "Bytes of request bodies held in memory",
                                 registry=r)
         self.load_seconds = Gauge("mnist_model_load_seconds", "Model load and warm-up time", registry=r)
+        self._refused = Counter("mnist_http_refused_requests", "Requests refused before the app saw them",
+                                ["reason"], registry=r)
+        for reason in REFUSED:
+            self._refused.labels(reason)  # present (at 0) from the start
+        self.open_connections = Gauge("mnist_http_open_connections", "HTTP connections open now", registry=r)
 
     def loading(self, version: str) -> None:
         """The model's version is known (before the warm-up run, which is counted under it)."""
@@ -76,8 +92,13 @@ class Metrics:
         self.load_seconds.set(seconds)
 
     def http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self._http.labels(endpoint, method, str(status)).inc()
+        """``endpoint`` is one of ours; ``method`` is the client's, hence bounded here."""
+        self._http.labels(endpoint, method if method in METHODS else "other", str(status)).inc()
         self._http_seconds.labels(endpoint).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        assert reason in REFUSED, reason
+        self._refused.labels(reason).inc()
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason).inc()

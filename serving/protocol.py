@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pipeline.contract import PIXELS
 from pipeline.errors import PipelineError
 
 DATATYPES = {"FP32": np.float32}  # the model takes float32 pixels in [0, 1]; nothing else is accepted
@@ -127,10 +128,22 @@ def parse_infer(body: bytes, spec: ModelSpec, max_batch: int, header_length: int
         array = _binary_tensor(binary, size, expected, dtype, "data" in tensor)
     else:
         array = _json_tensor(tensor.get("data"), expected, shape, dtype)
-    if not np.isfinite(array).all():
-        raise RequestError(f"'data' holds NaN, infinity or a number too large for {spec.input.datatype}; "
-                           "pixels are finite numbers in [0, 1]")
+    _check_pixels(array, spec.input.datatype)
     return InferRequest(array.reshape(shape), request_id, binary_output)
+
+
+def _check_pixels(array: np.ndarray, datatype: str) -> None:
+    """Every value within the contract's range. Refused, not clamped: 1e30 is no pixel, and the
+    model would answer it with logits of 1e29 as if it meant something."""
+    low, high = PIXELS
+    outside = ~((array >= low) & (array <= high))  # NaN is neither: outside too
+    if outside.any():
+        i = int(np.argmax(outside))
+        value = float(array.flat[i])
+        what = "NaN" if np.isnan(value) else f"{value:g}" if np.isfinite(value) else \
+            f"infinity (or a number too large for {datatype})"
+        raise RequestError(f"'data' holds {what} at index {i}; pixels are numbers in [{low:g}, {high:g}] "
+                           f"({outside.sum():,} of {array.size:,} values are outside)")
 
 
 def _binary_tensor(binary: bytes, size, expected: int, dtype, also_json: bool) -> np.ndarray:

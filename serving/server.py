@@ -12,8 +12,11 @@ Endpoints (KServe / Open Inference Protocol v2, as Triton speaks it, plus three 
                                               web stage's static site: the page runs the model in the browser
 
 The transport is not ours: uvicorn (with the h11 parser) speaks HTTP, with its limits, timeouts
-and graceful shutdown, and Starlette routes the requests (the README says what was compared).
+and graceful shutdown, and Starlette routes the requests (docs/serving.md says what was compared).
 What is ours:
+- Three things uvicorn and h11 do not (serving/transport.py): a request head over its limits is
+  refused however it arrives (431), a request with both Content-Length and Transfer-Encoding is
+  refused and its connection closed, and what is refused before the app is counted.
 - One onnxruntime session, opened after the port is bound (``/v2/health/live`` answers while it
   loads); ready once a warm-up run has answered. A ``Batcher`` runs it on one thread and joins
   the requests that queue up meanwhile into one run, up to ``max_batch`` images.
@@ -21,6 +24,8 @@ What is ours:
   budget shared by all requests (``body_memory_bytes``); a request takes a place among the
   ``max_concurrency`` inference requests only once its body is read and parsed, so slow or idle
   clients never hold one. Beyond either limit: 503 at once, with Retry-After.
+- JSON bodies over ``parse_inline_bytes`` are parsed in a worker process (serving/parsing.py),
+  so a burst of large bodies never stalls the event loop and the small requests behind it.
 - A client's mistake is a 4xx with a JSON ``error``; a bug of ours is a 500, logged with its traceback.
 - SIGTERM/SIGINT: readiness turns false, the port stops accepting, requests in flight finish (up
   to ``shutdown_grace_s``), idle keep-alive connections close.
@@ -53,7 +58,7 @@ from starlette.routing import Route
 
 from pipeline import digits, evaluate, runtime
 from pipeline.errors import PipelineError
-from serving import admission, protocol
+from serving import admission, parsing, protocol, transport
 from serving.batcher import Batcher
 from serving.config import ServeConfig
 from serving.metrics import CONTENT_TYPE, Metrics
@@ -82,6 +87,7 @@ class Service:
         self.bodies = admission.BodyBudget(cfg.body_memory_bytes)
         self.slots = admission.Slots(cfg.max_concurrency)
         self.decoding = asyncio.Semaphore(1)  # one picture decoded at a time: its pixels are the big cost
+        self.parser = parsing.Parser(cfg.parse_inline_bytes)  # large JSON bodies: in a worker process
         self.ready = self.draining = False
         self.cut_off = 0  # requests cancelled when the shutdown grace ran out
         # set by start(), before the service is ready: no request reaches them earlier
@@ -110,7 +116,7 @@ class Service:
     async def start(self) -> float:
         """Open the session and warm it up; only then is the service ready. Returns the seconds taken."""
         t0 = time.perf_counter()
-        await asyncio.to_thread(self._open)
+        await asyncio.gather(asyncio.to_thread(self._open), self.parser.warm_up())
         self.metrics.loading(self.spec.version)
         # Without batching, each request runs alone: a batch limit of 1 image never joins two jobs.
         self.batcher = Batcher(self.session.run, self.cfg.max_batch if self.cfg.batching else 1,
@@ -138,21 +144,30 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def body(self, request: Request) -> AsyncIterator[bytes]:
-        """The request's body, within the limits; its bytes count against the budget until the block ends."""
+        """The request's body, within the limits and decompressed; its bytes count against the
+        budget until the block ends."""
         request.state.body_started = True
         declared = _whole_number(request.headers.get("content-length"), "Content-Length")
+        encoding = admission.content_encoding(request.headers.get("content-encoding"))
+        inflated = 0
         try:
             async with admission.read_body(request.stream(), declared, self.cfg.max_body_bytes, self.bodies,
                                            self.cfg.body_timeout_s) as body:
                 request.state.body_read = True
+                if encoding is not None:  # zlib lets go of the GIL while it decompresses
+                    body = await asyncio.to_thread(admission.inflate, body, encoding, self.cfg.max_body_bytes)
+                    self.bodies.take(len(body))
+                    inflated = len(body)
                 self.metrics.body_bytes.set(self.bodies.used)
                 yield body
         finally:
+            self.bodies.give(inflated)
             self.metrics.body_bytes.set(self.bodies.used)
 
     async def close(self) -> None:
         if hasattr(self, "batcher"):
             await self.batcher.close()
+        await asyncio.to_thread(self.parser.close)
 
 
 def _whole_number(value: str | None, header: str) -> int | None:
@@ -282,7 +297,7 @@ class Api:
         header_length = _whole_number(request.headers.get("inference-header-content-length"),
                                       "Inference-Header-Content-Length")
         async with svc.body(request) as body:
-            parsed = protocol.parse_infer(body, svc.spec, svc.cfg.max_batch, header_length)
+            parsed = await svc.parser.parse(body, svc.spec, svc.cfg.max_batch, header_length)
         answer, json_length = protocol.infer_response(svc.spec, await svc.infer(parsed.x), parsed)
         if json_length is None:
             return Response(answer, media_type="application/json")
@@ -391,7 +406,9 @@ def serve(model_path: str | os.PathLike, name: str, cfg: ServeConfig, verbose: b
         fatal.append(e)
         servers[0].should_exit = True
     config = uvicorn.Config(
-        create_app(service, on_fatal), http="h11", loop="asyncio", lifespan="on", access_log=verbose,
+        transport.refuse_ambiguous_framing(create_app(service, on_fatal), service.metrics),
+        http=transport.guarded_h11(service.metrics), h11_max_incomplete_event_size=transport.MAX_HEAD_BYTES,
+        loop="asyncio", lifespan="on", access_log=verbose,
         log_level="info" if verbose else "warning", timeout_keep_alive=cfg.idle_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=cfg.shutdown_grace_s, server_header=False, backlog=1024)  # type: ignore[arg-type]
     server = _Server(config, service)

@@ -34,6 +34,7 @@ def main(args: argparse.Namespace) -> None:
     test_set = datasets.mnist("test", runtime.metadata(model)["data_md5"])  # the bytes the model was made from
     tracker.log_metrics(evaluate.model_metrics(report), model="fp32", dataset=test_set)
     tracker.tag_model_versions({"eval_accuracy": report["accuracy"], "eval_errors": report["errors"]})
+    tracker.champion_if_none()  # the first version evaluated: models:/<name>@champion exists from then on
     for path in (args.confusion_png, args.misclassified, args.metrics):
         tracker.log_artifact(path, "evaluate")
     tracker.finish()

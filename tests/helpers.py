@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answers(url: str, proc: subprocess.Popen, timeout_s: float, why: Callable[[], str]) -> None:
+    """Until a GET of ``url`` is answered; RuntimeError(``why()``) if ``proc`` exits first or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(why()) from None
+            time.sleep(0.3)
+
+
 @contextmanager
 def mlflow_server(db: Path, port: int):
     """`mlflow server` on a sqlite file; killed with SIGKILL (the whole process group) on exit."""
@@ -36,16 +50,8 @@ def mlflow_server(db: Path, port: int):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             cwd=db.parent, stdout=log, stderr=log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + db.with_suffix(f".{port}.log").read_text()) from None
-                time.sleep(0.3)
+        wait_until_answers(f"http://127.0.0.1:{port}/health", proc, 120,
+                           lambda: "mlflow server did not start:\n" + db.with_suffix(f".{port}.log").read_text())
         yield proc
     finally:
         with suppress(ProcessLookupError):
@@ -188,7 +194,7 @@ class TeamServer:
                                       "--port", str(self.port), "--workers", "1", *self.extra_args],
                                      stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s  # "ready" comes after the admin claimed the project's names
         while "mlflow-server: ready on" not in self.log_text()[before:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the team server did not start:\n{self.log_text()}")

@@ -1,10 +1,14 @@
+import contextlib
 import dataclasses
 import itertools
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -326,21 +330,74 @@ def waited_during(fn) -> float:
     return share
 
 
-@pytest.mark.integration
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core for the hog and one left free")
-def test_a_one_thread_path_beside_a_hog_never_waits_where_one_on_every_core_does():
-    """Busy processes on all cores but one: a path on one thread has a core to itself and its
-    threads never wait, so its ratios hold; a path with a thread per core waits for the taken
-    ones, and the bound flags it. What the per-core ratios and the flags rest on."""
-    cfg = bench.BenchConfig()
-    x = torch.randn(512, 512)
-    every_core = lambda: [torch.mm(x, x) for _ in range(300)]  # noqa: E731 - OpenMP threads, one per core
-    procs = hogs((os.cpu_count() or 1) - 1)
+def cores_taken_by_others(seconds: float = 0.5) -> float:
+    """How many cores other processes keep busy now."""
+    before = bench.cpu_snapshot()
+    time.sleep(seconds)
+    return bench.outside_load(before, bench.cpu_snapshot()) * (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def taking_turns(name: str, timeout_s: float = 300) -> Iterator[None]:
+    """One process on this machine at a time runs the block: the turn is an abstract Unix socket
+    bound to ``name`` (Linux), released when the block ends or its process dies, leaving no file."""
+    token = socket.socket(socket.AF_UNIX)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            token.bind("\0" + name)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                token.close()
+                pytest.fail(f"another process held {name!r} for {timeout_s:g} s")
+            time.sleep(0.2)
     try:
-        alone = waited_during(lambda: spin(3_000_000))  # about 0.2 s of this thread alone
-        torch.set_num_threads(os.cpu_count() or 1)
-        crowded = waited_during(every_core)
+        yield
     finally:
-        stop(procs)
-    assert alone < cfg.max_contention, alone
-    assert crowded > 2 * cfg.max_contention, crowded  # measured: 0.35 - 0.45 on 2 cores
+        token.close()
+
+
+@pytest.mark.integration  # starts busy processes
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core for the hog and one left free")
+def test_a_one_thread_path_beside_hogs_waits_far_less_than_one_on_every_core():
+    """Every core but one busy: a path on one thread has that core and waits far less than a
+    path with a thread per core, which waits for the taken ones (and the bound flags it), both
+    measured in the same moments: five rounds of one, then the other. What the per-core ratios
+    and the flags rest on.
+
+    It holds on a busy machine: before each round the hogs are paused while the cores other
+    processes keep busy are counted, and only as many resume as fill up to all but one; two
+    runs of this test take turns. A moment with no core free is not a round (a one-thread path
+    waits there too, as much as the rest: 0.77 vs 0.84 measured); if 15 s hold fewer than three
+    rounds, it is skipped, saying so. Before, it assumed an idle machine and asserted the
+    one-thread path's waiting under 0.05 of its time: beside a CPU hog it waited 0.51."""
+    cfg = bench.BenchConfig()
+    cores = os.cpu_count() or 1
+    x = torch.randn(512, 512)
+    every_core = lambda: [torch.mm(x, x) for _ in range(50)]  # noqa: E731 - OpenMP threads, one per core
+    rounds: list[tuple[float, float]] = []
+    busiest = 0.0
+    with taking_turns("mnist-onnx-tests-cpu-contention"):
+        procs = hogs(cores - 1)
+        try:
+            torch.set_num_threads(cores)
+            deadline = time.monotonic() + 15
+            while len(rounds) < 5 and time.monotonic() < deadline:
+                for p in procs:
+                    p.send_signal(signal.SIGSTOP)
+                taken = cores_taken_by_others(0.3)  # by processes not ours: the hogs are paused
+                busiest = max(busiest, taken)
+                if taken > cores - 0.9:
+                    continue  # no core is free this moment
+                for p in procs[:cores - 1 - round(taken)]:
+                    p.send_signal(signal.SIGCONT)
+                rounds.append((waited_during(lambda: spin(1_000_000)), waited_during(every_core)))
+        finally:
+            stop(procs)
+    if len(rounds) < 3:
+        pytest.skip(f"other processes kept up to {busiest:.1f} of {cores} cores busy: {len(rounds)} moment(s) "
+                    "in 15 s with a core free for a one-thread path")
+    alone, crowded = (float(np.median(shares)) for shares in zip(*rounds))
+    assert crowded > 2 * cfg.max_contention, rounds  # the every-core path waited: its rows are flagged
+    assert alone < crowded / 2, rounds  # far less, in the same moments (measured: 0.00 - 0.07 vs 0.31 - 0.54)

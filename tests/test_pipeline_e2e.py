@@ -463,6 +463,8 @@ def test_registered_version_promotion_and_serving(repo, test_split):
     acc = float(cand.tags["eval_accuracy"])
     assert acc == client.get_run(cand.run_id).data.metrics["fp32_accuracy"]  # the evaluate stage's number
     assert "parity_max_abs_diff" in cand.tags
+    # the first repro's version is champion from then on (docs/deploy.md serves models:/...@champion)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
     result = _stage(root, env, "commands.promote")
     assert result.returncode == 0, result.stderr

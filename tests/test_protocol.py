@@ -70,7 +70,16 @@ BAD_BINARY = {
     "binary_data_size not an integer": binary_request(ONE, size="3136"),
     "binary NaN": (binary_request(ONE)[0][:-4] + np.float32("nan").tobytes(), binary_request(ONE)[1]),
     "header not JSON": (b"{{{{" + binary_request(ONE)[0], 4),
+    "binary 1e30": (binary_request(ONE)[0][:-4] + np.float32(1e30).tobytes(), binary_request(ONE)[1]),
 }
+
+
+def test_pixels_are_held_to_the_contracts_range_and_its_ends_are_in_it():
+    """1e30 gave logits of 1e29 before; the range is the model's contract, [0, 1]."""
+    edges = parse_infer(body(shape=(1, 1, 28, 28), data=[0, 1] * 392), SPEC, 8).x
+    assert edges.min() == 0 and edges.max() == 1
+    with pytest.raises(RequestError, match=r"'data' holds 1e\+30 at index 783; pixels are numbers in \[0, 1\]"):
+        parse_infer(body(shape=(1, 1, 28, 28), data=[0] * 783 + [1e30]), SPEC, 8)
 
 
 @pytest.mark.parametrize("case", BAD_BINARY, ids=list(BAD_BINARY))
@@ -108,6 +117,9 @@ BAD = {
     "NaN": (body(shape=(1, 1, 28, 28), data=[float("nan")] + [0] * 783), 400),
     "infinity": (body(shape=(1, 1, 28, 28), data=[float("-inf")] + [0] * 783), 400),
     "too large for FP32": (body(shape=(1, 1, 28, 28), data=[1e39] + [0] * 783), 400),
+    "a pixel of 1e30": (body(shape=(1, 1, 28, 28), data=[0] * 783 + [1e30]), 400),
+    "a pixel of 1.8e19": (body(shape=(1, 1, 28, 28), data=[1.8e19] + [0] * 783), 400),
+    "a pixel below 0": (body(shape=(1, 1, 28, 28), data=[-0.01] + [0] * 783), 400),
     "integer too large for a float": (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 28, 28],'
                                       b' "data": [' + b"9" * 400 + b"," + b"0," * 782 + b"0]}]}", 400),
     "batch over the limit": (body(shape=(9, 1, 28, 28)), 413),
@@ -141,4 +153,4 @@ def test_any_json_is_either_accepted_or_a_request_error(request_json):
     except RequestError as e:
         assert 400 <= e.status < 500
     else:
-        assert x.shape[1:] == (1, 28, 28) and np.isfinite(x).all()
+        assert x.shape[1:] == (1, 28, 28) and ((0 <= x) & (x <= 1)).all()

@@ -211,3 +211,84 @@ def test_the_spool_replays_datasets_models_their_metrics_a_new_name_and_the_end(
     metrics = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in model.metrics}
     digest = test_set.digest
     assert metrics == {"accuracy": (0.97, "mnist-test", digest), "errors": (300.0, "mnist-test", digest)}
+
+
+def _evaluated_version(name: str, accuracy: float | None) -> Tracker:
+    """A run with a registered version of ``name`` (no model file: the registry rule needs none),
+    tagged as the evaluate stage tags it."""
+    t = Tracker.start(None, {}, {})
+    client = store.client()
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{t.run_id}/onnx-model", t.run_id)
+    if accuracy is not None:
+        t.tag_model_versions({"eval_accuracy": accuracy})
+    return t
+
+
+def test_the_first_evaluated_version_becomes_champion_and_later_ones_only_by_promote(sqlite):
+    """After a fresh dvc repro, models:/<name>@champion existed only once someone ran
+    commands.promote. Now the evaluate stage makes the first version champion, by promote's rule
+    (an evaluated version, not less accurate than the champion); later ones only by hand."""
+    from tracking import registry
+    client = store.client()
+    unevaluated = _evaluated_version("m", None)
+    unevaluated.champion_if_none()  # no eval_accuracy: not promotable, and the stage is not failed for it
+    assert registry.champion_of(client, "m") is None
+    _evaluated_version("m", 0.95).champion_if_none()
+    assert str(registry.champion_of(client, "m").version) == "2"
+    _evaluated_version("m", 0.99).champion_if_none()  # better, but there is a champion: promote decides
+    assert str(registry.champion_of(client, "m").version) == "2"
+    assert "m@champion -> version 3" in registry.promote(client, "m", client.get_model_version("m", "3"))
+    _evaluated_version("m", 0.90)
+    with pytest.raises(registry.PromotionRefused, match="version 4 has test accuracy 0.9000, worse than the "
+                                                        r"champion \(version 3, 0.9900\)"):
+        registry.promote(client, "m", client.get_model_version("m", "4"))
+    assert str(registry.champion_of(client, "m").version) == "3"
+
+
+@pytest.mark.integration
+def test_the_documented_mlflow_serving_command_serves_the_champion_without_the_virtualenv(sqlite, tmp_path,
+                                                                                           test_split):
+    """docs/deploy.md's ./scripts/mlflow_serve.sh, as written, with a PATH that does not hold
+    the virtualenv (MLflow starts `uvicorn` from PATH: the bare command died "uvicorn: not found"),
+    serving models:/mnist-cnn-onnx@champion, which the first evaluated version became."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    from pipeline import contract, export, runtime
+    from pipeline.model import ModelConfig, Net
+    from tests.helpers import REPO, wait_until_answers
+    from tracking import registry
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    export.export_onnx(Net(ModelConfig(channels=(4, 8), fc_units=16)).eval(), path, export.ExportConfig())
+    x = contract.to_input(test_split[0][:5])
+    y = runtime.open_session(runtime.load_checked(path)).run(x)
+    t = Tracker.start(None, {}, {})
+    t.log_onnx_model(path, x[:2], y[:2], "mnist-cnn-onnx")
+    t.tag_model_versions({"eval_accuracy": 0.5})
+    t.champion_if_none()  # what the evaluate stage does
+    assert str(registry.champion_of(store.client(), "mnist-cnn-onnx").version) == "1"
+
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": sqlite, "PORT": str(port)}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(REPO / "scripts/mlflow_serve.sh")], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", proc, 180, (tmp_path / "serve.log").read_text)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"inputs": x.tolist()}).encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        np.testing.assert_allclose(np.array(answer["predictions"]["logits"]), y, rtol=1e-4, atol=1e-5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()

@@ -1,12 +1,16 @@
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline import data, train
+from pipeline.errors import PipelineError
 from pipeline.model import ModelConfig, Net
+from tests.helpers import REPO
 
 SMALL = ModelConfig(channels=(8, 16), fc_units=64)
 
@@ -65,9 +69,29 @@ def test_to_tensors_scales_to_unit_range():
 def test_cuda_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="train.device='cuda' but PyTorch sees no CUDA device"):
-        train.resolve_device("cuda")
+    with pytest.raises(PipelineError, match="train.device='cuda' but PyTorch sees no CUDA device.*set train.device"):
+        train.resolve_device("cuda")  # a PipelineError: the commands print it alone, without a traceback
     assert train.resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.integration
+def test_the_train_stage_asked_for_cuda_without_cuda_says_what_to_do_in_one_line(workdir):
+    """Before, the CLI took the RuntimeError for a bug and printed its traceback first."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["device"] = "cuda"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.train", "--data", "raw", "--model", "model.pt",
+                             "--metrics", "train.json", "--plots", "train.csv", "--run-id", "run_id",
+                             "--checkpoint", "train.ckpt"], cwd=workdir, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
+                                 f"sqlite:///{workdir / 'mlflow.db'}", "MLFLOW_SPOOL_DIR": str(workdir / "spool")})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("stages.train: error: train.device='cuda' but PyTorch sees no CUDA device")
+    assert "set train.device to auto" in lines[0]
+    assert not (workdir / "model.pt").exists()
 
 
 @pytest.mark.integration

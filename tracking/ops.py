@@ -10,6 +10,7 @@ from the spool later, with its original timestamps and steps.
     {"op": "tag_model_versions", "tags"}
     {"op": "rename_run", "name"}
     {"op": "end_run", "status", "end_time"}
+    {"op": "champion_if_none"}
 
 A logged model is named in an operation by its name within the run ("fp32", "int8"), and its
 id looked up when the operation is applied: a model logged from the spool gets its id only then.
@@ -60,6 +61,8 @@ def apply(op: dict, run_id: str | None) -> str | None:
                                 op.get("registered_name"), op.get("version_tags") or {}, op.get("step", 0))
     elif kind == "tag_model_versions":
         registry.tag_model_versions(mlflow_client, run_id, op["tags"])
+    elif kind == "champion_if_none":
+        registry.champion_if_none(mlflow_client, run_id)
     else:
         raise ValueError(f"unknown tracking operation {kind!r}")
     return run_id

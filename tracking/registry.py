@@ -1,8 +1,10 @@
 """The ONNX model in the run and in MLflow's model registry.
 
 Every export logs the model (ONNX flavour, signature, input example) and registers it as a
-new version of ``registry.model_name``, with the alias ``candidate`` moved to it;
-``commands.promote`` moves ``champion``.
+new version of ``registry.model_name``, with the alias ``candidate`` moved to it. ``champion``
+moves by one rule (``promote``): to a version whose test accuracy is not below the champion's.
+``commands.promote`` applies it by hand; the evaluate stage applies it only while the model has
+no champion at all, so that ``models:/<name>@champion`` exists after the first ``dvc repro``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from tracking import store
 from tracking.provenance import package_version
 
@@ -88,3 +91,49 @@ def tag_model_versions(mlflow_client: Any, run_id: str, tags: dict[str, str]) ->
     for mv in mlflow_client.search_model_versions(f"run_id='{run_id}'"):
         for k, v in tags.items():
             mlflow_client.set_model_version_tag(mv.name, mv.version, k, v)
+
+
+class PromotionRefused(PipelineError, ValueError):
+    """A version that may not become champion: not evaluated, or less accurate than the champion."""
+
+
+def accuracy(version: Any) -> float | None:
+    """A version's test accuracy, from the evaluate stage's ``eval_accuracy`` tag."""
+    value = (version.tags or {}).get("eval_accuracy") if version is not None else None
+    return float(value) if value is not None else None
+
+
+def champion_of(mlflow_client: Any, name: str) -> Any | None:
+    """The version aliased ``champion``, or None."""
+    from mlflow.exceptions import MlflowException
+    try:
+        return mlflow_client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promote(mlflow_client: Any, name: str, version: Any) -> str:
+    """Move ``champion`` to ``version`` if its test accuracy is not below the champion's (any
+    accuracy beats no champion); says what changed, or raises PromotionRefused."""
+    acc = accuracy(version)
+    if acc is None:
+        raise PromotionRefused(f"{name} version {version.version} has no eval_accuracy tag; "
+                               "run the evaluate stage first")
+    champion = champion_of(mlflow_client, name)
+    champ_acc = accuracy(champion)
+    if champion is not None and champ_acc is not None and acc < champ_acc:
+        raise PromotionRefused(f"refused: version {version.version} has test accuracy {acc:.4f}, worse than the "
+                               f"champion (version {champion.version}, {champ_acc:.4f})")
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
+    before = f"version {champion.version} ({champ_acc:.4f})" if champion else "none"
+    return f"{name}@{CHAMPION} -> version {version.version} (test accuracy {acc:.4f}); was {before}"
+
+
+def champion_if_none(mlflow_client: Any, run_id: str) -> None:
+    """Each registered model that has no champion yet gets this run's version as its first,
+    by ``promote``'s rule, once it is evaluated; where there is a champion, only
+    ``commands.promote`` moves it."""
+    for mv in mlflow_client.search_model_versions(f"run_id='{run_id}'"):
+        version = mlflow_client.get_model_version(mv.name, mv.version)
+        if accuracy(version) is not None and champion_of(mlflow_client, mv.name) is None:
+            print(promote(mlflow_client, mv.name, version))

@@ -221,6 +221,10 @@ class Tracker:
         self._do("tag the registered model version",
                  {"op": "tag_model_versions", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def champion_if_none(self) -> None:
+        """This run's registered version becomes champion if the model has none (registry.promote's rule)."""
+        self._do("make the first evaluated version champion", {"op": "champion_if_none"})
+
     @contextlib.contextmanager
     def system_metrics(self) -> Iterator[None]:
         """Samples CPU, memory (and GPU) into the run while the block runs (training).
