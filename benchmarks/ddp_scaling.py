@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.services import REPO
 from pipeline.machine import hardware
-from tests.helpers import REPO
 
 SETUPS = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
 

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.services import REPO, SSHD, Sshd
 from pipeline.machine import hardware
-from tests.helpers import REPO, SSHD, Sshd
 
 
 def sh(cwd: Path, *cmd: str) -> str:

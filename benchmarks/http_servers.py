@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from benchmarks.load import Connection, children, tree_rss
+from harness.services import REPO, free_port
 from pipeline.machine import hardware
-from tests.helpers import REPO, free_port
 
 APP = '''
 async def app(scope, receive, send):

@@ -33,10 +33,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.load import infer_bodies, run_clients
+from harness import containers
+from harness.services import SpawnedServer
 from pipeline import contract
 from pipeline.machine import hardware
-from tests import containers
-from tests.helpers import SpawnedServer
 
 REPO = Path(__file__).resolve().parents[1]
 

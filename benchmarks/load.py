@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from harness.services import SpawnedServer
 from pipeline import contract  # numpy only; never torch
 from pipeline.machine import hardware
-from tests.helpers import SpawnedServer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.services import REPO, TeamServer
 from pipeline.machine import hardware
-from tests.helpers import REPO, TeamServer
 
 
 def train_once(workdir: Path, data: Path, env: dict[str, str]) -> dict[str, float]:

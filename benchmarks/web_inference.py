@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from harness.services import REPO, StaticServer
 from pipeline import data, digits, runtime
 from pipeline.machine import hardware, state
-from tests.helpers import REPO, StaticServer
 
 TIMED = """
 const [pictures, calls, done] = arguments;

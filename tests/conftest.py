@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from harness.services import REPO
 from pipeline import data
-from tests.helpers import REPO
 
 LOCAL_MIRROR = Path(os.environ.get("MNIST_MIRROR") or REPO.parent / "shared" / "mnist")
 # onnxruntime-web's npm tarball, as the registry publishes it (see its README for the integrity)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from harness.services import REPO
 
 PACKAGES = ("pipeline", "stages", "commands", "serving", "tracking")
 NEVER_IN_SERVING = {"torch", "mlflow", "dvc"}
@@ -137,3 +137,15 @@ def test_the_cycle_check_sees_a_cycle(monkeypatch):
     monkeypatch.setitem(GRAPH, "pipeline.atomic", GRAPH["pipeline.atomic"] | {"pipeline.data"})
     with pytest.raises(AssertionError, match="import cycle: pipeline.atomic -> pipeline.data -> pipeline.atomic"):
         test_no_import_cycles()
+
+
+@pytest.mark.parametrize("path", sorted([*(REPO / "benchmarks").glob("*.py"), *(REPO / "harness").glob("*.py")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmarks_and_the_harness_import_no_test_module(path):
+    """What a benchmark and a test both need lives in harness/: a benchmark runs without tests/."""
+    assert not {n for n in imported_names(path) if n.split(".")[0] == "tests"}, path.name
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_the_product_never_imports_the_harness(name):
+    assert not {n for n in imported_names(MODULES[name]) if n.split(".")[0] in ("harness", "tests")}, name

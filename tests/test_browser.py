@@ -25,8 +25,8 @@ from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from harness.services import REPO, SpawnedServer, StaticServer
 from pipeline import digits, runtime
-from tests.helpers import REPO, SpawnedServer, StaticServer
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from harness.services import REPO
 from pipeline import contract, params
 from serving.config import ServeConfig, command_line
-from tests.helpers import REPO
 from tests.test_architecture import closure
 
 KUBERNETES = ("1.30", "1.37")  # 1.30: the first with the preStop sleep action on by default

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO, free_port
+from harness.services import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUTS = ("model.pt", "train.json", "train.csv", "run_id")

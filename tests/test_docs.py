@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from harness.services import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 OURS = ("pipeline", "stages", "commands", "serving", "tracking", "benchmarks", "scripts")

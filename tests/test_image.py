@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import containers
 from pipeline import contract, runtime
-from tests import containers
 from tests.conftest import copy_repo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -150,8 +150,8 @@ def test_one_identity_from_registry_to_predict_info_and_the_service(repo, monkey
 
     import mlflow
 
+    from harness.services import SpawnedServer
     from pipeline import runtime
-    from tests.helpers import SpawnedServer
 
     root, env, _ = repo
     model = root / "models/model.onnx"
@@ -236,8 +236,8 @@ def test_parallel_queued_experiments_then_rest_api_and_dashboard(repo, browser, 
 
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from harness.services import free_port, mlflow_server
     from pipeline import headline
-    from tests.helpers import free_port, mlflow_server
     from tracking import datasets
 
     root, env, _ = repo

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from benchmarks.load import rss_mb
+from harness.services import SpawnedServer
 from pipeline import contract, evaluate, runtime
 from serving.batcher import Batcher
 from tests.conftest import REPO
-from tests.helpers import SpawnedServer
 
 NAME = "mnist"
 INFER = f"/v2/models/{NAME}/infer"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.services import SSHD, Sshd
 from tests.conftest import small_repo
-from tests.helpers import SSHD, Sshd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUTS = ("data/raw/train-images-idx3-ubyte", "models/model.pt", "models/model.onnx", "models/model.int8.onnx")

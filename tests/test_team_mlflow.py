@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness.services import TeamServer
 from tests.conftest import small_repo
-from tests.helpers import TeamServer
 from tests.test_pipeline_e2e import dvc
 from tests.test_tracking import assert_run_holds_everything_logged, sync, train
 

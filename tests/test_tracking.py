@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.services import free_port, mlflow_server
 from tests.conftest import REPO
-from tests.helpers import free_port, mlflow_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EPOCH_METRICS = ("loss", "train_acc", "test_acc", "test_loss", "images_per_s", "seconds")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port
+from harness.services import free_port
 from tracking import ops, spool, store
 from tracking.run import Tracker, note_opened_run, opened_run
 
@@ -261,9 +261,9 @@ def test_the_documented_mlflow_serving_command_serves_the_champion_without_the_v
     import numpy as np
     import torch
 
+    from harness.services import REPO, wait_until_answers
     from pipeline import contract, export, runtime
     from pipeline.model import ModelConfig, Net
-    from tests.helpers import REPO, wait_until_answers
     from tracking import registry
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
+from harness.services import REPO
 from pipeline import data, train
 from pipeline.errors import PipelineError
 from pipeline.model import ModelConfig, Net
-from tests.helpers import REPO
 
 SMALL = ModelConfig(channels=(8, 16), fc_units=64)
 

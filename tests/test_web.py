@@ -12,9 +12,9 @@ import tarfile
 import pytest
 import yaml
 
+from harness.services import REPO, StaticServer, free_port
 from pipeline import web
 from pipeline.params import ParamError, parse
-from tests.helpers import REPO, StaticServer, free_port
 
 PAGE = REPO / "serving" / "static"
 RUNTIME = {"package/dist/ort.wasm.bundle.min.mjs": b"export const ort = 1;\n",

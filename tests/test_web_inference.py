@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import web_inference
-from tests.helpers import StaticServer
+from harness.services import StaticServer
 
 pytestmark = pytest.mark.integration
 

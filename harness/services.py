@@ -1,4 +1,4 @@
-"""Processes the tests (and the benchmarks) start and stop: our service, MLflow servers, sshd.
+"""Processes the tests and the benchmarks start and stop: our service, MLflow servers, sshd.
 
 Each binds 127.0.0.1 on a free port and is stopped on the way out, also when the test fails.
 """

@@ -20,7 +20,7 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
-from tests.helpers import free_port
+from harness.services import free_port
 
 TOOLS = ("podman", "runc", "mmdebstrap")  # Debian's packages; scripts/test.sh installs them
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"  # what the Containerfile needs of a base
