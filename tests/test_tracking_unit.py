@@ -271,7 +271,7 @@ def test_the_documented_mlflow_serving_command_serves_the_champion_without_the_v
     x = contract.to_input(test_split[0][:5])
     y = runtime.open_session(runtime.load_checked(path)).run(x)
     t = Tracker.start(None, {}, {})
-    t.log_onnx_model(path, x[:2], y[:2], "mnist-cnn-onnx")
+    t.log_onnx_model(path, x[:2], y[:2], registered_name="mnist-cnn-onnx")
     t.tag_model_versions({"eval_accuracy": 0.5})
     t.champion_if_none()  # what the evaluate stage does
     assert str(registry.champion_of(store.client(), "mnist-cnn-onnx").version) == "1"
