@@ -26,6 +26,7 @@ overriding a few of its methods; tests/test_serve.py checks each behaviour over 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,15 +39,18 @@ from serving.metrics import Metrics
 MAX_HEAD_BYTES = 16 * 1024  # a request line and its headers: h11's own limit for an incomplete head
 MAX_HEADERS = 100  # header fields in one request (Apache httpd's LimitRequestFields); a client sends a dozen
 LINGER_S = 2.0  # a refused connection is closed once the client closes its end, or after this
+# where a head ends, as h11 finds it: lines may end in a bare LF (RFC 9112 2.2 lets a server accept that)
+BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 def head_problem(pending: bytes, max_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADERS) -> str | None:
     """Why the request head at the start of ``pending`` must be refused, or None: it is within
     the limits, or not all there yet and still under ``max_bytes`` (h11 refuses it if it grows)."""
-    end = pending.find(b"\r\n\r\n", 0, max_bytes + 4)
-    if end < 0:
+    blank = BLANK_LINE.search(pending, 0, max_bytes + 4)
+    if blank is None:
         return f"request head over {max_bytes:,} bytes" if len(pending) > max_bytes else None
-    fields = pending.count(b"\r\n", 0, end)  # the request line's end, then one per header but the last
+    end = blank.start()
+    fields = pending.count(b"\n", 0, end)  # the request line's end, then one per header but the last
     if fields > max_headers:
         return f"{fields:,} header fields; at most {max_headers}"
     return None

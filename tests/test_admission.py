@@ -1,9 +1,11 @@
-"""What the service lets in (serving/admission.py), as pure functions: compressed bodies."""
+"""What the service lets in (serving/admission.py, serving/transport.py), as pure functions: compressed
+bodies, the request-head guard."""
 import gzip
 import zlib
 
 import pytest
 
+from serving import transport
 from serving.admission import content_encoding, inflate
 from serving.protocol import RequestError
 
@@ -49,3 +51,18 @@ def test_an_encoding_we_do_not_decode_is_a_415_that_names_it(header):
     with pytest.raises(RequestError, match=f"Content-Encoding '{header}' is not supported") as e:
         content_encoding(header)
     assert e.value.status == 415
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["CRLF", "LF"])
+def test_the_request_head_guard_counts_header_fields_as_h11_reads_them(eol):
+    """h11 also ends lines at a bare LF: a head of 1,500 LF-ended headers (12 KB) passed a guard
+    that looked only for CRLF, and h11 parsed every field. Both endings are counted alike, and
+    a small head followed by a large body in the same read is not taken for a long head."""
+    def head(n: int) -> bytes:
+        return b"GET /v2 HTTP/1.1" + eol + b"".join(b"X%d: y" % i + eol for i in range(n)) + eol
+    assert transport.head_problem(head(1_500)) == "1,500 header fields; at most 100"
+    assert transport.head_problem(head(101)) == "101 header fields; at most 100"
+    assert transport.head_problem(head(100)) is None
+    assert transport.head_problem(head(5) + b"x" * 20_000) is None  # the body is not part of the head
+    assert transport.head_problem(head(5)[:-len(eol)]) is None  # not all there yet
+    assert transport.head_problem(b"GET / HTTP/1.1" + eol + b"X: " + b"y" * 20_000) == "request head over 16,384 bytes"
