@@ -58,8 +58,9 @@ def runs(client, which: list[str]) -> list:
     if exp is None:
         sys.exit(f"compare: no runs yet in {tracking_uri()}; run `dvc repro` first")
     found = []
-    for key in which:
-        hits = client.search_runs([exp.experiment_id], f"attributes.run_id = '{key}' OR attributes.run_name = '{key}'",
+    for key in which:  # a run id, else the newest run of that name (MLflow's filters have no OR)
+        hits = client.search_runs([exp.experiment_id], f"attributes.run_id = '{key}'", max_results=1) \
+            or client.search_runs([exp.experiment_id], f"attributes.run_name = '{key}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if not hits:
             sys.exit(f"compare: no run {key!r} in {tracking_uri()}")

@@ -53,6 +53,22 @@ def test_a_run_gets_params_metrics_and_tags(sqlite):
     assert run.data.metrics == {"loss": 0.5, "ok": 1.0}  # a bool is 1.0; a string is not a metric
 
 
+def test_compare_finds_runs_by_id_or_by_name_the_newest_first(sqlite):
+    """`python -m commands.compare --runs A B`: MLflow's filters have no OR, so the one search
+    for "id or name" it made was refused (MlflowException: Invalid clause(s) ... 'OR')."""
+    from commands import compare
+    first = Tracker.start("arch-wide", {}, {})
+    first.log_metrics({"fp32_accuracy": 0.97})
+    newer = Tracker.start("arch-wide", {}, {})
+    newer.log_metrics({"fp32_accuracy": 0.98})
+    other = Tracker.start("arch-valid", {}, {})
+    found = compare.runs(store.client(), [other.run_id, "arch-wide"])
+    assert [r.info.run_id for r in found] == [other.run_id, newer.run_id]
+    assert compare.of_run(found[1]).values == {"fp32": {"accuracy": 0.98}}
+    with pytest.raises(SystemExit, match="no run 'nowhere'"):
+        compare.runs(store.client(), ["nowhere"])
+
+
 def test_the_tracker_counts_the_time_its_caller_spent_logging(sqlite, monkeypatch):
     assert Tracker(None).seconds == 0.0
     t = Tracker.start("timed", {"a": 1}, {})
