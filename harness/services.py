@@ -30,12 +30,13 @@ def free_port() -> int:
 
 
 def wait_until_answers(url: str, proc: subprocess.Popen, timeout_s: float, why: Callable[[], str]) -> None:
-    """Until a GET of ``url`` is answered; RuntimeError(``why()``) if ``proc`` exits first or time is up."""
+    """Until a GET of ``url`` is answered with a success status (an error status is "not yet");
+    RuntimeError(``why()``) if ``proc`` exits first or time is up."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
+            with urllib.request.urlopen(url, timeout=2):
+                return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(why()) from None

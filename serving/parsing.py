@@ -51,7 +51,6 @@ class Parser:
 
     def __init__(self, inline_bytes: int):
         self.inline_bytes = inline_bytes
-        self.offloaded = 0  # bodies parsed in the worker
         self._pool = self._start()
 
     @staticmethod
@@ -68,13 +67,13 @@ class Parser:
         json_bytes = len(body) if header_length is None else header_length
         if json_bytes <= self.inline_bytes:
             return protocol.parse_infer(body, spec, max_batch, header_length)
-        self.offloaded += 1
+        pool = self._pool
         try:
-            return await asyncio.wrap_future(self._pool.submit(protocol.parse_infer, body, spec, max_batch,
-                                                               header_length))
+            return await asyncio.wrap_future(pool.submit(protocol.parse_infer, body, spec, max_batch, header_length))
         except BrokenProcessPool:
-            self._pool.shutdown(wait=False)
-            self._pool = self._start()
+            if self._pool is pool:  # the first of the requests the dead worker held restarts it, once
+                pool.shutdown(wait=False)
+                self._pool = self._start()
             raise admission.Unavailable("the worker parsing large bodies stopped and was restarted; "
                                         "retry shortly", "parser") from None
 
