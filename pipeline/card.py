@@ -27,6 +27,7 @@ class CardInputs:
     actual: np.ndarray  # the test labels, and what the model answered (plots/confusion.csv)
     predicted: np.ndarray
     pictures: dict[str, str]  # {"confusion": path, "misclassified": path}, relative to the card
+    bench_config: bench.BenchConfig = bench.BenchConfig()  # the bounds the benchmark flagged its rows by
 
 
 def per_class(actual: np.ndarray, predicted: np.ndarray) -> list[tuple[str, int, float]]:
@@ -51,14 +52,12 @@ def _latency_row(benchmark: dict) -> bench.Row | None:
     return next((r for r in rows if (r.path, r.precision, r.batch) == ("onnxruntime-cpu", "fp32", 1)), None)
 
 
-def _flag(row: bench.Row) -> str:
-    """What the card says after a figure from a row the benchmark flagged, and why; nothing if it is stable."""
+def _flag(row: bench.Row, cfg: bench.BenchConfig) -> str:
+    """What the card says after a figure from a row the benchmark flagged, and why (the bounds it
+    passed, as the benchmark words them); nothing if it is stable."""
     if row.stable:
         return ""
-    why = [f"its rounds spread {row.spread:.0%}"]
-    if row.contention is not None:
-        why.append(f"its threads waited {row.contention:.0%} of their time for a CPU")
-    why.append(f"other processes used {row.outside_load:.0%} of the CPUs")
+    why = bench.unstable_because(row, cfg) or ["its rounds could not be paired"]
     return f" (**unstable**: measured on a busy machine, {', '.join(why)}; do not compare it with a quiet run)"
 
 
@@ -122,7 +121,8 @@ def render(c: CardInputs) -> str:
     best = b.get("best_images_per_s")
     if row is not None and best is not None:
         lines += [f"On {hw.get('cpu', 'the benchmark CPU')} ({hw.get('cores', '?')} cores), onnxruntime on the CPU: "
-                  f"{row.p50_ms:.2f} ms per single image (p50){_flag(row)}, up to {best:,.0f} images/s in batches. "
+                  f"{row.p50_ms:.2f} ms per single image (p50){_flag(row, c.bench_config)}, "
+                  f"up to {best:,.0f} images/s in batches. "
                   "Other machines differ: run `dvc repro benchmark` on yours (see docs/performance.md)."]
     else:
         lines += ["Not measured: the benchmark has no onnxruntime CPU row."]

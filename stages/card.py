@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, card, runtime
+from pipeline import atomic, bench, card, runtime
 from pipeline.model import ModelConfig
 from stages import _cli
 from tracking.run import Tracker
@@ -19,6 +19,7 @@ from tracking.run import Tracker
 
 def main(args: argparse.Namespace) -> None:
     architecture = _cli.section(ModelConfig, "model").describe()  # the params the model was trained with
+    bench_config = _cli.section(bench.BenchConfig, "benchmark")  # the bounds its rows were flagged by
     model = runtime.load_checked(args.model)
     metrics = {name: json.loads(path.read_text()) for name, path in
                (("train", args.train), ("evaluate", args.evaluate), ("quantize", args.quantize),
@@ -31,7 +32,8 @@ def main(args: argparse.Namespace) -> None:
     def page(links: dict[str, str]) -> str:
         return card.render(card.CardInputs(
             metadata=runtime.metadata(model), sha256=runtime.sha256(args.model), architecture=architecture,
-            onnx_bytes=args.model.stat().st_size, actual=actual, predicted=predicted, pictures=links, **metrics))
+            onnx_bytes=args.model.stat().st_size, actual=actual, predicted=predicted, pictures=links,
+            bench_config=bench_config, **metrics))
 
     # in the repository the card links to the evaluate stage's pictures; in MLflow, to copies beside it
     atomic.write_text(args.out, page({k: Path(os.path.relpath(p, args.out.parent)).as_posix()

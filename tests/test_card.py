@@ -75,3 +75,6 @@ def test_a_latency_from_a_row_flagged_unstable_says_so():
                                          "best_images_per_s": 9876.5, "rows": [shaky.record()]}))
     assert "0.34 ms per single image (p50) (**unstable**" in page
     assert "its threads waited 40% of their time for a CPU" in page and "do not compare it with a quiet run" in page
+    waited_only = latency_row(stable=False, spread=0.05, contention=0.4, outside_load=0.0)
+    page = card.render(inputs(benchmark={"hardware": {}, "best_images_per_s": 1.0, "rows": [waited_only.record()]}))
+    assert "its threads waited 40%" in page and "spread" not in page and "other processes" not in page  # only the cause
